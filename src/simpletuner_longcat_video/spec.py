@@ -1,0 +1,86 @@
+"""The family's facts, declared once.
+
+Everything the plugin states about LongCat-Video (names, flavours, checkpoint layout, frame and
+bucket rules, sampling defaults) lives here as plain data. The host-facing family class, the
+plugin registration and ``plugin_manifest.toml`` all read or are checked against this module, so
+it must stay free of heavy imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILY = "longcat_video"
+DISPLAY_NAME = "LongCat-Video"
+DESCRIPTION = "LongCat-Video image-to-video (and text-to-video) flow-matching transformer, as a plugin"
+FLAVOURS: dict[str, str] = {"final": "meituan-longcat/LongCat-Video"}
+DEFAULT_FLAVOUR = "final"
+FAMILY_CLASS = "simpletuner_longcat_video.family:LongCatVideo"
+ATTENTION_BACKENDS: dict[str, str] = {"block_sparse": "simpletuner_longcat_video.attention_bsa:BACKEND"}
+PIPELINES: tuple[str, ...] = ()  # host PipelineTypes values; IMG2VIDEO arrives with the I2V family
+
+# Official checkpoint layout (HF repo meituan-longcat/LongCat-Video).
+DIT_SUBFOLDER = "dit"
+VAE_SUBFOLDER = "vae"
+TEXT_ENCODER_SUBFOLDER = "text_encoder"
+TOKENIZER_SUBFOLDER = "tokenizer"
+SCHEDULER_SUBFOLDER = "scheduler"
+TEXT_ENCODER_CLASS = "UMT5EncoderModel"
+TEXT_ENCODER_NAME = "umT5-XXL"
+TEXT_MAX_TOKENS = 512
+
+# Latent geometry: Wan 2.1 VAE, 8x spatial and 4x temporal compression, patch (1, 2, 2).
+LATENT_CHANNELS = 16
+VAE_SPATIAL_COMPRESSION = 8
+VAE_TEMPORAL_COMPRESSION = 4
+PATCH_SIZE = (1, 2, 2)
+NUM_BLOCKS = 48
+
+# Data rules from the quickstart.
+BUCKET_ALIGNMENT = 64
+SIZE_MULTIPLE = 16
+DEFAULT_NUM_FRAMES = 93
+DEFAULT_RESOLUTION = (480, 832)  # height, width
+
+# Sampling defaults.
+FLOW_SHIFT = 12.0
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_STEPS = 40
+NUM_COND_LATENTS_I2V = 1
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """Frame counts the Wan VAE can encode without dropping frames: (frames - 1) % 4 == 0."""
+
+    temporal_compression: int = VAE_TEMPORAL_COMPRESSION
+
+    def is_valid(self, frames: int) -> bool:
+        return frames >= 1 and (frames - 1) % self.temporal_compression == 0
+
+    def nearest_valid_below(self, frames: int) -> int:
+        """Largest valid count not above ``frames`` (trimming never invents frames)."""
+        if frames < 1:
+            raise ValueError(f"frame count must be >= 1, got {frames}")
+        return ((frames - 1) // self.temporal_compression) * self.temporal_compression + 1
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.temporal_compression + 1
+
+
+FRAME_RULE = FrameRule()
+
+
+def host_requirement() -> str | None:
+    """The supported host range as declared in the installed package metadata (one place: pyproject)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("simpletuner-longcat-video") or []
+    except PackageNotFoundError:
+        return None
+    for req in reqs:
+        name = req.split(";")[0].strip()
+        if name.lower().startswith("simpletuner") and not name.lower().startswith("simpletuner-"):
+            return name
+    return None

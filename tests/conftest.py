@@ -1,0 +1,57 @@
+"""Shared fixtures: every test runs against the *installed* package in the project environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import simpletuner_longcat_video
+
+    if "site-packages" not in simpletuner_longcat_video.__file__:
+        raise pytest.UsageError(
+            f"tests must run against the installed package, not {simpletuner_longcat_video.__file__}; "
+            "run them with `make test` (it installs the checkout first)"
+        )
+
+
+def host_environ(**extra: str) -> dict[str, str]:
+    """The environment a user's shell would have: the project env first on PATH, no hub."""
+    env = dict(os.environ)
+    env["PATH"] = f"{ENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, *, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter of the project environment (a new process, as users get)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=host_environ(**env),
+        # Not the repo root: its top-level kernels/ folder would shadow the PyPI package `kernels`
+        # (which transformers imports) for `python -c`, whose sys.path starts with the cwd.
+        cwd=str(REPO / "tests"),
+    )
+
+
+@pytest.fixture
+def python_subprocess():
+    return run_python

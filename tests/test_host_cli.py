@@ -1,0 +1,89 @@
+"""The real host, started as users start it: its WebUI server and its `simpletuner train`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import host_environ
+
+from simpletuner_longcat_video.hostserver import host_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_server_api_lists_and_describes_our_family(tmp_path):
+    with host_server(tmp_path) as server:
+        families = server.get_json("/api/models")["families"]
+        details = server.get_json("/api/models/longcat_video")
+        flavours = server.get_json("/api/models/longcat_video/flavours")
+        log = server.log()
+    assert "longcat_video" in families and "wan" in families
+    assert details["class"] == "simpletuner_longcat_video.family.LongCatVideo"
+    assert details["display_name"] == "LongCat-Video"
+    encoder = details["attributes"]["text_encoder_configuration"]["text_encoder"]
+    assert "UMT5EncoderModel" in json.dumps(encoder)
+    assert "Qwen" not in json.dumps(details)
+    assert details["capabilities"]["is_video_model"] is True
+    assert flavours["flavours"] == ["final"]
+    assert log.count("is provided by plugin simpletuner-longcat-video") >= 1
+
+
+def _simpletuner(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    exe = str(Path(sys.executable).parent / "simpletuner")
+    env = host_environ(HOME=str(cwd))
+    return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_help_runs():
+    result = _simpletuner("train", "--help", cwd=Path.cwd())
+    assert result.returncode == 0, result.stderr
+    assert "usage: simpletuner train" in result.stdout
+
+
+def _write_config(root: Path, **overrides: object) -> None:
+    config = {
+        "model_family": "longcat_video",
+        "model_flavour": "final",
+        "model_type": "lora",
+        "pretrained_model_name_or_path": str(root / "no-such-checkpoint"),
+        "output_dir": str(root / "output"),
+        "data_backend_config": str(root / "config" / "multidatabackend.json"),
+        "train_batch_size": 1,
+        "max_train_steps": 1,
+        "num_train_epochs": 0,
+        "optimizer": "adamw_bf16",
+        "learning_rate": 1e-4,
+        "lora_rank": 8,
+        "mixed_precision": "no",
+        "report_to": "none",
+    }
+    config.update(overrides)
+    (root / "config").mkdir(exist_ok=True)
+    (root / "config" / "config.json").write_text(json.dumps(config, indent=2))
+    (root / "config" / "multidatabackend.json").write_text("[]")
+
+
+def test_train_config_reaches_our_family(tmp_path):
+    _write_config(tmp_path)
+    result = _simpletuner("train", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "is provided by plugin simpletuner-longcat-video" in output
+    # Past the host's argument parsing and into our family: it is our checkpoint check that stops it.
+    assert "error: argument" not in output
+    assert str(tmp_path / "no-such-checkpoint") in output
+    assert result.returncode != 0
+
+
+def test_train_unknown_flavour_names_the_valid_ones(tmp_path):
+    _write_config(tmp_path, model_flavour="turbo")
+    result = _simpletuner("train", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "model_flavour = 'turbo'" in output
+    assert "has the flavours ['final']" in output
+    assert os.path.exists(tmp_path / "config" / "config.json")
