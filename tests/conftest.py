@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def run_python(code: str, *, timeout: float = 300, **env: str) -> subprocess.Com
         env=host_environ(**env),
         # Not the repo root: its top-level kernels/ folder would shadow the PyPI package `kernels`
         # (which transformers imports) for `python -c`, whose sys.path starts with the cwd.
-        cwd=str(REPO / "tests"),
+        cwd=tempfile.gettempdir(),
     )
 
 

@@ -20,8 +20,7 @@ import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
-from importlib import metadata
-from importlib import resources
+from importlib import metadata, resources
 from typing import Any
 
 FAMILY_GROUP = "simpletuner.model_families"
@@ -246,8 +245,10 @@ def register_entry_points(registry_module: Any) -> RegistrationState:
             STATE.targets[family] = ep.value
             registry._registry[family] = proxy_class(meta, ep, STATE.owners[family])
             if replaced is not None or builtin is not None:
-                shadowed = _class_path(replaced) if replaced is not None else (
-                    f"{builtin['module_path']}:{builtin['class_name']}"
+                shadowed = (
+                    _class_path(replaced)
+                    if replaced is not None
+                    else (f"{builtin['module_path']}:{builtin['class_name']}")
                 )
                 why = f"it replaces the built-in {shadowed}: installed plugin families take precedence over the host's"
             else:

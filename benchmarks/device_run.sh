@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels (diffusers, peft, this package),
+# then run the block-sparse correctness script and the benchmarks. Output tables land in $OUT.
+# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|all]
+set -uo pipefail
+what=${1:-all}
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+cd /tmp  # never import from the checkout root: its kernels/ folder would shadow the PyPI `kernels`
+repo=$OLDPWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, diffusers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+status=0
+if [[ $what == bsa || $what == all ]]; then
+    python3 "$repo/benchmarks/gpu_check_bsa.py" 2>&1 | tee "$OUT/gpu_check_bsa.txt" || status=1
+    python3 "$repo/benchmarks/bsa.py" 2>&1 | tee "$OUT/bsa.txt" || status=1
+fi
+if [[ $what == dit || $what == all ]]; then
+    python3 "$repo/benchmarks/dit_step.py" 2>&1 | tee "$OUT/dit_step.txt" || status=1
+fi
+exit $status

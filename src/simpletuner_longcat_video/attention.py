@@ -1,0 +1,467 @@
+"""The one attention seam of the LongCat-Video transformer.
+
+The transformer blocks call :func:`dispatch_attention` (video self-attention) and
+:func:`dispatch_cross_attention` (video-to-text) and nothing else; no block knows which kernel
+runs. This module owns three decisions:
+
+* the image-to-video split. The first ``num_cond_tokens`` tokens are the clean condition frames:
+  their queries see only condition keys, while the noisy queries see every key. The split is done
+  here, once, so every backend only ever implements plain (optionally block-sparse) attention;
+* which backend runs a call. Backends live in a registry filled by :func:`register_backend`, by
+  the built-ins ``"sdpa"`` and ``"xformers"``, and lazily by the ``simpletuner.attention_backends``
+  entry-point group (that is how the block-sparse Triton kernel plugs in);
+* what happens when a backend fails. A backend that raises is reported once and replaced by SDPA
+  for the rest of the process, because a kernel problem must cost speed, never a training run.
+
+Backend signature, for self-attention::
+
+    backend(q, k, v, *, q_grid, kv_grid, options) -> out
+
+``q`` is ``[B, heads, Sq, D]``, ``k``/``v`` are ``[B, heads, Skv, D]``, ``q_grid``/``kv_grid`` are
+the ``(T, H, W)`` token grids of the query and key tokens (``T*H*W == S``; they differ in ``T``
+for the noisy half of an image-to-video call), ``options`` is the :class:`AttentionOptions` in
+force, and ``out`` has the shape and dtype of ``q``. The softmax scale is ``D ** -0.5``.
+
+A backend that cannot serve one particular call (a grid its tiles do not fit) raises
+:class:`BackendDeclined`: that call goes to SDPA and the backend stays in service. Any other
+exception retires it. Only the forward call is guarded: an error raised later by an autograd
+``backward`` cannot be caught here, so a kernel should compile and check its backward before it
+reports itself available.
+
+Entry points (``[project.entry-points."simpletuner.attention_backends"]``, ``name = "module:obj"``)
+may name a backend function, an object with ``__call__``, or a class instantiated without
+arguments; an ``is_available`` method (or boolean attribute) on it is the availability probe.
+A backend registered in code under the same name wins over the entry point.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("simpletuner_longcat_video.attention")
+
+ENTRY_POINT_GROUP = "simpletuner.attention_backends"
+BACKEND_CHOICES = ("auto", "sdpa", "xformers", "block_sparse")
+FALLBACK_BACKEND = "sdpa"
+
+Grid = tuple[int, int, int]
+
+# 3D-chunked backends have nothing to chunk in a single frame; such calls stay dense.
+_DENSE_FOR_SINGLE_FRAME = frozenset({"block_sparse"})
+
+
+class AttentionBackend(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q_grid: Grid,
+        kv_grid: Grid,
+        options: AttentionOptions,
+    ) -> torch.Tensor: ...
+
+
+class BackendDeclined(NotImplementedError):
+    """Raised by a backend that cannot serve this particular call (a shape it does not tile, say).
+
+    Unlike any other exception it does not retire the backend: only this call goes to SDPA.
+    """
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """How self-attention should run; the defaults are upstream's block-sparse settings."""
+
+    backend: str = "auto"
+    sparsity: float = 0.875
+    chunk: tuple[int, int, int] = (4, 4, 8)
+    cdf_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"AttentionOptions.sparsity = {self.sparsity!r}: must lie in [0, 1)")
+        if len(self.chunk) != 3 or any(int(c) < 1 for c in self.chunk):
+            raise ValueError(f"AttentionOptions.chunk = {self.chunk!r}: must be three positive ints (T, H, W)")
+        if self.cdf_threshold is not None and not 0.0 < self.cdf_threshold <= 1.0:
+            raise ValueError(f"AttentionOptions.cdf_threshold = {self.cdf_threshold!r}: must lie in (0, 1] or be None")
+        # A frozen dataclass still lets us normalise list input (JSON configs give lists).
+        object.__setattr__(self, "chunk", tuple(int(c) for c in self.chunk))
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """What one transformer forward tells the seam about its tokens.
+
+    ``grid`` is the latent token grid ``(T, H, W)`` after patchify; the sequence is laid out
+    frame-major, so the first ``num_cond_tokens`` tokens are whole condition frames.
+    """
+
+    grid: Grid
+    num_cond_tokens: int = 0
+    options: AttentionOptions = field(default_factory=AttentionOptions)
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+
+@dataclass
+class _Registered:
+    name: str
+    fn: AttentionBackend
+    is_available: Callable[[], bool] | None
+    available: bool | None = None  # cached answer; availability does not change within a process
+
+    def check_available(self) -> bool:
+        if self.available is None:
+            if self.is_available is None:
+                self.available = True
+            else:
+                try:
+                    self.available = bool(self.is_available())
+                except Exception as exc:  # a probe that crashes means "not available", not a crash
+                    logger.warning(
+                        "attention backend %r: is_available() raised %r; treating it as unavailable", self.name, exc
+                    )
+                    self.available = False
+        return self.available
+
+
+_LOCK = threading.Lock()
+_REGISTRY: dict[str, _Registered] = {}
+_FAILED: dict[str, str] = {}
+_LOGGED: set[str] = set()
+_entry_points_loaded = False
+
+
+def _log_once(level: int, message: str, *args: Any) -> None:
+    key = message % args if args else message
+    with _LOCK:
+        if key in _LOGGED:
+            return
+        _LOGGED.add(key)
+    logger.log(level, message, *args)
+
+
+def register_backend(
+    name: str,
+    fn: AttentionBackend,
+    is_available: Callable[[], bool] | None = None,
+) -> None:
+    """Add or replace a self-attention backend.
+
+    ``is_available`` is asked once, lazily, before the backend is first chosen; ``None`` means
+    always available. The fallback ``"sdpa"`` cannot be replaced, since it is what failures land on.
+    """
+    if not name or name == "auto":
+        raise ValueError(f"register_backend(name={name!r}): 'auto' and the empty name are reserved")
+    if name == FALLBACK_BACKEND and FALLBACK_BACKEND in _REGISTRY:
+        raise ValueError(f"register_backend(name={name!r}): the SDPA fallback cannot be replaced")
+    if not callable(fn):
+        raise TypeError(f"register_backend(name={name!r}): backend {fn!r} is not callable")
+    with _LOCK:
+        _REGISTRY[name] = _Registered(name=name, fn=fn, is_available=is_available)
+        _FAILED.pop(name, None)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend (tests use this to undo a registration). Removing ``"sdpa"`` is refused."""
+    if name == FALLBACK_BACKEND:
+        raise ValueError("unregister_backend('sdpa'): the SDPA fallback cannot be removed")
+    with _LOCK:
+        _REGISTRY.pop(name, None)
+        _FAILED.pop(name, None)
+
+
+def _coerce_entry_point_object(obj: Any) -> tuple[AttentionBackend, Callable[[], bool] | None]:
+    # An entry point may name a class (instantiated without arguments), an instance with
+    # __call__, or a plain function; an ``is_available`` attribute, if any, is the probe.
+    if isinstance(obj, type):
+        obj = obj()
+    if not callable(obj):
+        raise TypeError(f"{obj!r} is not callable")
+    probe = getattr(obj, "is_available", None)
+    if probe is not None and not callable(probe):
+        available = bool(probe)
+
+        def probe() -> bool:
+            return available
+
+    return obj, probe
+
+
+def load_entry_point_backends() -> None:
+    """Register the backends of the ``simpletuner.attention_backends`` group, once per process.
+
+    A backend registered in code under the same name wins. A failing entry point is logged and
+    skipped: an optional accelerator must never stop the model from loading.
+    """
+    global _entry_points_loaded
+    with _LOCK:
+        if _entry_points_loaded:
+            return
+        _entry_points_loaded = True
+    try:
+        entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as exc:
+        logger.warning("could not list the %r entry points: %r", ENTRY_POINT_GROUP, exc)
+        return
+    for ep in entry_points:
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            fn, probe = _coerce_entry_point_object(ep.load())
+            register_backend(ep.name, fn, probe)
+        except Exception as exc:
+            logger.warning("skipping attention backend entry point %s = %s: %r", ep.name, ep.value, exc)
+            continue
+        logger.debug("registered attention backend %r from entry point %s", ep.name, ep.value)
+
+
+def registered_backends() -> dict[str, bool]:
+    """Name -> availability of every known backend (entry points included)."""
+    load_entry_point_backends()
+    return {name: entry.check_available() and name not in _FAILED for name, entry in sorted(_REGISTRY.items())}
+
+
+def failed_backends() -> dict[str, str]:
+    """Backends retired after a run-time error, with the error; they stay retired for the process."""
+    return dict(_FAILED)
+
+
+def reset_backend_state() -> None:
+    """Forget run-time failures, cached availability and the log-once memory (for tests)."""
+    with _LOCK:
+        _FAILED.clear()
+        _LOGGED.clear()
+        for entry in _REGISTRY.values():
+            entry.available = None
+
+
+def _require(name: str) -> _Registered:
+    if name not in _REGISTRY:
+        load_entry_point_backends()
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ValueError(
+            f"attention backend = {name!r}: no such backend is registered (known: {sorted(_REGISTRY)}). "
+            f"Fix: choose one of {['auto', *sorted(_REGISTRY)]}, or install the package that provides it "
+            f"through the {ENTRY_POINT_GROUP!r} entry-point group."
+        )
+    return entry
+
+
+def select_backend(options: AttentionOptions, q: torch.Tensor, q_grid: Grid, kv_grid: Grid) -> str:
+    """The name of the backend that will serve this call (after retirements)."""
+    requested = options.backend
+    if requested != "auto":
+        entry = _require(requested)
+        if requested in _FAILED:
+            return FALLBACK_BACKEND
+        if requested in _DENSE_FOR_SINGLE_FRAME and min(q_grid[0], kv_grid[0]) <= 1:
+            # Upstream never runs block sparsity on a single frame (images, the condition frame).
+            _log_once(logging.INFO, "attention backend %r -> 'sdpa' for single-frame grids (T == 1)", requested)
+            return FALLBACK_BACKEND
+        if not entry.check_available():
+            hint = " (pip install xformers)" if requested == "xformers" else ""
+            raise RuntimeError(
+                f"attention backend = {requested!r}: it is registered but not available on this machine{hint}. "
+                "Fix: install what it needs, or set the attention backend to 'auto' or 'sdpa'."
+            )
+        return requested
+
+    load_entry_point_backends()
+    entry = _REGISTRY.get("block_sparse")
+    if entry is None:
+        choice, reason = FALLBACK_BACKEND, "block_sparse is not registered"
+    elif "block_sparse" in _FAILED:
+        choice, reason = FALLBACK_BACKEND, "block_sparse failed earlier in this process"
+    elif not entry.check_available():
+        choice, reason = FALLBACK_BACKEND, "block_sparse reports itself unavailable"
+    elif q.device.type != "cuda":
+        choice, reason = FALLBACK_BACKEND, f"block_sparse needs CUDA tensors, these are on {q.device.type}"
+    elif min(q_grid[0], kv_grid[0]) <= 1:
+        # Mirrors upstream: single-frame attention (images, the condition frame) stays dense.
+        choice, reason = FALLBACK_BACKEND, "single-frame grid (T == 1) stays dense"
+    else:
+        choice, reason = "block_sparse", "registered, available, CUDA tensors, T > 1"
+    _log_once(logging.INFO, "attention backend 'auto' -> %r: %s", choice, reason)
+    return choice
+
+
+def _run_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid, kv_grid: Grid, options: AttentionOptions
+) -> torch.Tensor:
+    name = select_backend(options, q, q_grid, kv_grid)
+    entry = _REGISTRY[name]
+    if name == FALLBACK_BACKEND:
+        return entry.fn(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
+    try:
+        return entry.fn(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
+    except torch.OutOfMemoryError:
+        # Running out of memory is the caller's problem; retiring the backend would hide it.
+        raise
+    except BackendDeclined as exc:
+        _log_once(
+            logging.INFO,
+            "attention backend %r declined q_grid=%s kv_grid=%s (%s); using sdpa for such calls",
+            name,
+            q_grid,
+            kv_grid,
+            exc,
+        )
+    except Exception as exc:
+        with _LOCK:
+            first = name not in _FAILED
+            _FAILED[name] = repr(exc)
+        if first:
+            logger.warning(
+                "attention backend %r raised %r; falling back to sdpa for the rest of this process",
+                name,
+                exc,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+    return _REGISTRY[FALLBACK_BACKEND].fn(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects [B, heads, S, D] tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention shapes disagree: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+
+
+def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+    """Video self-attention with the image-to-video split, through the selected backend.
+
+    ``q``/``k``/``v`` are ``[B, heads, S, D]`` with ``S == T*H*W`` of ``context.grid``. Returns
+    ``[B, heads, S, D]``.
+    """
+    _check_qkv(q, k, v)
+    t, h, w = context.grid
+    seq = q.shape[2]
+    if seq != t * h * w or k.shape[2] != seq:
+        raise ValueError(f"attention sequence {seq} (keys {k.shape[2]}) does not match the token grid {context.grid}")
+    n_cond = context.num_cond_tokens
+    frame = h * w
+    if n_cond < 0 or n_cond > seq or n_cond % frame:
+        raise ValueError(f"num_cond_tokens = {n_cond}: must be whole frames of {frame} tokens within {seq} tokens")
+    options = context.options
+    if n_cond == 0 or n_cond == seq:
+        return _run_backend(q, k, v, context.grid, context.grid, options)
+
+    t_cond = n_cond // frame
+    cond_grid = (t_cond, h, w)
+    # Condition tokens must not see the noisy frames: their features have to be the same at
+    # every denoising step (upstream caches them as a KV prefix for continuation).
+    out_cond = _run_backend(q[:, :, :n_cond], k[:, :, :n_cond], v[:, :, :n_cond], cond_grid, cond_grid, options)
+    out_noisy = _run_backend(q[:, :, n_cond:], k, v, (t - t_cond, h, w), context.grid, options)
+    return torch.cat([out_cond, out_noisy], dim=2)
+
+
+def dispatch_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Video-to-text cross-attention; ``kv_mask`` ``[B, L]`` marks valid text tokens (True/nonzero).
+
+    Padded text tokens get exactly zero weight. A sample with no valid token gets a zero output
+    instead of the NaN a fully masked softmax row would give. Always SDPA: the key side is at
+    most a few hundred tokens, block sparsity has nothing to skip, and SDPA's fused kernels
+    accept the mask.
+    """
+    _check_qkv(q, k, v)
+    if kv_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if kv_mask.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(
+            f"cross-attention mask {tuple(kv_mask.shape)} does not match keys [B, L] = {(k.shape[0], k.shape[2])}"
+        )
+    mask = kv_mask.to(device=q.device, dtype=torch.bool)
+    has_key = mask.any(dim=-1)
+    # Rows with nothing to attend to get every key (finite softmax), then their output is zeroed;
+    # this avoids a host sync that checking for such rows would need.
+    safe = mask | ~has_key[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :])
+    return out * has_key[:, None, None, None].to(out.dtype)
+
+
+# Built-in backends.
+
+
+def sdpa_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_grid: Grid,
+    kv_grid: Grid,
+    options: AttentionOptions,
+) -> torch.Tensor:
+    """Dense attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def xformers_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_grid: Grid,
+    kv_grid: Grid,
+    options: AttentionOptions,
+) -> torch.Tensor:
+    """Dense attention through ``xformers.ops.memory_efficient_attention``."""
+    try:
+        import xformers.ops as xops
+    except ImportError as exc:
+        raise RuntimeError(
+            "attention backend 'xformers' needs the xformers package. Fix: pip install xformers, or use 'sdpa'."
+        ) from exc
+    # xformers wants [B, S, heads, D].
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+register_backend(FALLBACK_BACKEND, sdpa_backend)
+register_backend("xformers", xformers_backend, _xformers_available)
+
+__all__ = [
+    "BACKEND_CHOICES",
+    "ENTRY_POINT_GROUP",
+    "AttentionBackend",
+    "AttentionContext",
+    "AttentionOptions",
+    "BackendDeclined",
+    "dispatch_attention",
+    "dispatch_cross_attention",
+    "failed_backends",
+    "load_entry_point_backends",
+    "register_backend",
+    "registered_backends",
+    "reset_backend_state",
+    "sdpa_backend",
+    "select_backend",
+    "unregister_backend",
+    "xformers_backend",
+]

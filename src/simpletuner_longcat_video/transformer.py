@@ -1,0 +1,663 @@
+"""LongCat-Video's 13.6B video DiT as a diffusers model, in pure torch + diffusers.
+
+The parameter names (and therefore the module attribute names below) are those of the official
+``dit/`` checkpoint, so ``LongCatVideoTransformer3DModel.from_pretrained(<checkpoint>/dit)`` loads
+the real download with no missing or unexpected keys. The ``__init__`` arguments are the field
+names of the official ``dit/config.json``.
+
+Numerics follow upstream: the residual stream and the big matmuls run in the model dtype, while
+the timestep embedding, the adaLN modulation, the norms and the output projection run in float32;
+the forward returns float32.
+
+Token layout: latents ``[B, C, T, H, W]`` are patchified with (1, 2, 2) into ``T*(H/2)*(W/2)``
+tokens, frame-major. For image-to-video the first ``num_cond_latents`` latent frames are clean
+condition frames: in self-attention they see only themselves, and they skip cross-attention.
+All attention goes through :mod:`simpletuner_longcat_video.attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from .attention import (
+    AttentionContext,
+    AttentionOptions,
+    dispatch_attention,
+    dispatch_cross_attention,
+    registered_backends,
+)
+from .errors import LongCatVideoError
+
+logger = logging.getLogger(__name__)
+
+# Module-name suffixes of the attention and FFN projections, in PEFT ``target_modules`` form.
+# ("attn.proj" does not match "cross_attn.proj": PEFT matches whole dotted components.)
+LORA_TARGET_MODULES: tuple[str, ...] = (
+    "attn.qkv",
+    "attn.proj",
+    "cross_attn.q_linear",
+    "cross_attn.kv_linear",
+    "cross_attn.proj",
+    "ffn.w1",
+    "ffn.w2",
+    "ffn.w3",
+)
+
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _AutocastOff:
+    """Leaves any surrounding autocast region for float32 work (a no-op outside one)."""
+
+    def __init__(self, device_type: str) -> None:
+        self.ctx = None
+        if device_type in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+            self.ctx = torch.autocast(device_type=device_type, enabled=False)
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+class FP32Linear(nn.Linear):
+    """A linear layer that always computes in float32, whatever its storage dtype.
+
+    Upstream runs the timestep MLP, the adaLN modulation and the output projection under
+    float32 autocast. Doing the upcast in the layer keeps the same numbers when the weights are
+    stored in bf16, still lets PEFT wrap the layer (it stays an ``nn.Linear``), and cannot be
+    undone by an outer bf16 autocast region.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        with _AutocastOff(x.device.type):
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        with _AutocastOff(x.device.type):
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class LongCatRMSNorm(nn.Module):
+    """RMSNorm over the last dim: normalised in float32, scaled in the input dtype (as upstream)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+class LongCatPatchEmbed3D(nn.Module):
+    """Latents ``[B, C, T, H, W]`` to tokens ``[B, T*H'*W', hidden]`` with a strided Conv3d."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LongCatTimestepEmbedder(nn.Module):
+    """Sinusoidal features of a scalar timestep, then a SiLU MLP; float32 throughout."""
+
+    def __init__(self, t_embed_dim: int, frequency_embedding_size: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.max_period = max_period
+        self.mlp = nn.Sequential(
+            FP32Linear(frequency_embedding_size, t_embed_dim, bias=True),
+            nn.SiLU(),
+            FP32Linear(t_embed_dim, t_embed_dim, bias=True),
+        )
+
+    def sinusoidal(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_embedding_size // 2
+        # Same operation order as upstream, so the float32 frequencies round identically.
+        exponent = -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        angles = t.float()[:, None] * torch.exp(exponent)[None, :]
+        emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        if self.frequency_embedding_size % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoidal(t))
+
+
+class LongCatCaptionProjection(nn.Module):
+    """Text-encoder states to the model width: Linear, tanh-GELU, Linear."""
+
+    def __init__(self, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.y_proj = nn.Sequential(
+            nn.Linear(in_channels, hidden_size, bias=True),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(y)
+
+
+class LongCatRotaryPosEmbed3D(nn.Module):
+    """3D rotary position embedding for the video tokens.
+
+    The head dim is split into a time part ``D - 4*(D//6)`` and two equal height/width parts
+    ``2*(D//6)``; each part rotates adjacent channel pairs (0,1), (2,3), ... by
+    ``position * base**(-2i/part_dim)``, with integer positions on the latent token grid. Angles
+    are formed in float32 like upstream, so the rotation matches the trained model bit for bit.
+    The returned tables hold one angle per channel pair: ``[S, D/2]`` cos and sin.
+    """
+
+    _CACHE_SIZE = 32  # bucketed training visits a handful of grids; keep them all
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 8:
+            raise LongCatVideoError(
+                where="attention head dim",
+                value=head_dim,
+                rule="3D RoPE needs a head dim divisible by 8",
+                fix="choose hidden_size / num_heads as a multiple of 8",
+            )
+        self.head_dim = head_dim
+        self.base = base
+        third = head_dim // 6
+        self.part_dims = (head_dim - 4 * third, 2 * third, 2 * third)
+        self._cache: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def _axis_angles(self, length: int, dim: int, device: torch.device) -> torch.Tensor:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device)[: dim // 2] / dim))
+        positions = torch.arange(length, dtype=torch.float32, device=device)
+        return positions[:, None] * inv_freq[None, :]
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(grid), device)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        t, h, w = grid
+        dt, dh, dw = self.part_dims
+        at = self._axis_angles(t, dt, device)[:, None, None, :].expand(t, h, w, dt // 2)
+        ah = self._axis_angles(h, dh, device)[None, :, None, :].expand(t, h, w, dh // 2)
+        aw = self._axis_angles(w, dw, device)[None, None, :, :].expand(t, h, w, dw // 2)
+        angles = torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, self.head_dim // 2)
+        tables = (angles.cos(), angles.sin())
+        self._cache[key] = tables
+        if len(self._cache) > self._CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return tables
+
+
+def apply_rotary_3d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of ``x`` ``[B, heads, S, D]`` by the ``[S, D/2]`` angle tables, in float32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    even, odd = xf[..., 0], xf[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class LongCatSelfAttention(nn.Module):
+    """Video self-attention: fused QKV, per-head RMSNorm on q/k, 3D RoPE, the attention seam."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise LongCatVideoError(
+                where="hidden_size / num_heads",
+                value=(dim, num_heads),
+                rule="hidden_size must be divisible by num_heads",
+                fix="pick num_heads that divides hidden_size",
+            )
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = LongCatRMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = LongCatRMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: AttentionContext
+    ) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = apply_rotary_3d(self.q_norm(q), *rope)
+        k = apply_rotary_3d(self.k_norm(k), *rope)
+        out = dispatch_attention(q, k, v, context)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class LongCatCrossAttention(nn.Module):
+    """Video-to-text attention; per-head RMSNorm on q/k, no positions on either side."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim, bias=True)
+        self.kv_linear = nn.Linear(dim, 2 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.q_norm = LongCatRMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = LongCatRMSNorm(self.head_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q_norm(self.q_linear(x).view(b, n, self.num_heads, self.head_dim))
+        k, v = self.kv_linear(y).view(b, y.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
+        k = self.k_norm(k)
+        out = dispatch_cross_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kv_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class LongCatSwiGLU(nn.Module):
+    """SwiGLU FFN, ``w2(silu(w1 x) * w3 x)``; inner width 2/3 of ``hidden * mlp_ratio``, rounded up to 256."""
+
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int = 256) -> None:
+        super().__init__()
+        inner = int(2 * hidden_dim / 3)
+        inner = multiple_of * ((inner + multiple_of - 1) // multiple_of)
+        self.inner_dim = inner
+        self.w1 = nn.Linear(dim, inner, bias=False)
+        self.w2 = nn.Linear(inner, dim, bias=False)
+        self.w3 = nn.Linear(dim, inner, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
+    # x [B, N, C] viewed per frame against shift/scale [B, T, 1, C]; float32 math, model-dtype result.
+    b, n, c = x.shape
+    xf = norm(x.view(b, frames, n // frames, c).float())
+    return (xf * (1 + scale) + shift).to(x.dtype).view(b, n, c)
+
+
+def _gated_add(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, frames: int) -> torch.Tensor:
+    # Residual add with a per-frame float32 gate; summed in float32 and rounded once, as upstream.
+    b, n, c = x.shape
+    out = x.view(b, frames, n // frames, c).float() + gate * update.view(b, frames, n // frames, c).float()
+    return out.to(x.dtype).view(b, n, c)
+
+
+class LongCatVideoTransformerBlock(nn.Module):
+    """One single-stream block: adaLN-modulated self-attention, cross-attention, adaLN SwiGLU FFN."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, adaln_tembed_dim: int) -> None:
+        super().__init__()
+        # Index 1 of the Sequential is the checkpoint's "adaLN_modulation.1".
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(adaln_tembed_dim, 6 * hidden_size, bias=True))
+        self.mod_norm_attn = FP32LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.mod_norm_ffn = FP32LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.pre_crs_attn_norm = FP32LayerNorm(hidden_size, eps=1e-6, elementwise_affine=True)
+        self.attn = LongCatSelfAttention(hidden_size, num_heads)
+        self.cross_attn = LongCatCrossAttention(hidden_size, num_heads)
+        self.ffn = LongCatSwiGLU(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_mask: torch.Tensor | None,
+        temb: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        context: AttentionContext,
+    ) -> torch.Tensor:
+        frames = context.grid[0]
+        mod = self.adaLN_modulation(temb).unsqueeze(2)  # [B, T, 1, 6C], float32
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+
+        x = hidden_states
+        attn_in = _modulate(self.mod_norm_attn, x, shift_msa, scale_msa, frames)
+        x = _gated_add(x, self.attn(attn_in, (rope_cos, rope_sin), context), gate_msa, frames)
+
+        # Condition tokens get no text: their output must not depend on the prompt.
+        n_cond = context.num_cond_tokens
+        noisy = x[:, n_cond:] if n_cond else x
+        noisy = noisy + self.cross_attn(self.pre_crs_attn_norm(noisy), encoder_hidden_states, encoder_mask)
+        x = torch.cat([x[:, :n_cond], noisy], dim=1) if n_cond else noisy
+
+        ffn_in = _modulate(self.mod_norm_ffn, x, shift_mlp, scale_mlp, frames)
+        return _gated_add(x, self.ffn(ffn_in), gate_mlp, frames)
+
+
+class LongCatVideoFinalLayer(nn.Module):
+    """adaLN-modulated norm and the float32 projection to patch channels."""
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, adaln_tembed_dim: int) -> None:
+        super().__init__()
+        self.norm_final = FP32LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.linear = FP32Linear(hidden_size, patch_volume * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(adaln_tembed_dim, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(temb).unsqueeze(2).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final, x, shift, scale, frames))
+
+
+def _options_from_legacy_config(
+    enable_flashattn3: bool, enable_flashattn2: bool, enable_xformers: bool, enable_bsa: bool, bsa_params: dict | None
+) -> AttentionOptions:
+    # The official config names its kernels with upstream's switches. Flash-attention 2/3 map to
+    # "auto" (SDPA reaches the same flash kernels); block-sparse and xFormers map to themselves.
+    kwargs: dict[str, Any] = {}
+    if bsa_params:
+        if "sparsity" in bsa_params:
+            kwargs["sparsity"] = float(bsa_params["sparsity"])
+        if bsa_params.get("cdf_threshold") is not None:
+            kwargs["cdf_threshold"] = float(bsa_params["cdf_threshold"])
+        chunk_q = bsa_params.get("chunk_3d_shape_q")
+        chunk_k = bsa_params.get("chunk_3d_shape_k")
+        if chunk_q is not None:
+            kwargs["chunk"] = tuple(chunk_q)
+        if chunk_k is not None and chunk_q is not None and tuple(chunk_k) != tuple(chunk_q):
+            logger.warning(
+                "bsa_params chunk_3d_shape_k %s differs from chunk_3d_shape_q %s; using the latter for both",
+                chunk_k,
+                chunk_q,
+            )
+    backend = "auto"
+    if enable_bsa:
+        if "block_sparse" in registered_backends():
+            backend = "block_sparse"
+        else:
+            logger.warning("config enable_bsa=true but no 'block_sparse' attention backend is installed; using 'auto'")
+    elif enable_xformers:
+        backend = "xformers"
+    return AttentionOptions(backend=backend, **kwargs)
+
+
+class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """LongCat-Video DiT: 48 single-stream blocks, hidden 4096, 32 heads, patch (1, 2, 2).
+
+    The config fields are those of the official ``dit/config.json``. ``enable_flashattn2/3``,
+    ``enable_xformers``, ``enable_bsa`` and ``bsa_params`` only seed :attr:`attention_options`
+    (see :meth:`set_attention_options`); ``cp_split_hw`` (context parallelism) must be unset or
+    ``[1, 1]``. ``text_tokens_zero_pad`` follows upstream: when true, padded text tokens are
+    zeroed after the caption projection and then attended to like real tokens, so prompts must
+    be padded to the inference length (512) and the mask passed; when false, padded tokens are
+    masked out of cross-attention exactly and the padding length does not matter.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["LongCatVideoTransformerBlock"]
+    _repeated_blocks = ["LongCatVideoTransformerBlock"]
+    # Small or precision-critical pieces stay out of fp8 layerwise storage.
+    _skip_layerwise_casting_patterns = [
+        "x_embedder",
+        "t_embedder",
+        "y_embedder",
+        "norm",
+        "adaLN_modulation",
+        "final_layer",
+    ]
+    # Tiny weights that upstream applies in float32; cheap to keep there.
+    _keep_in_fp32_modules = ["t_embedder", "q_norm", "k_norm", "pre_crs_attn_norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        hidden_size: int = 4096,
+        depth: int = 48,
+        num_heads: int = 32,
+        caption_channels: int = 4096,
+        mlp_ratio: int = 4,
+        adaln_tembed_dim: int = 512,
+        frequency_embedding_size: int = 256,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        enable_flashattn3: bool = False,
+        enable_flashattn2: bool = False,
+        enable_xformers: bool = False,
+        enable_bsa: bool = False,
+        bsa_params: dict | None = None,
+        cp_split_hw: list[int] | None = None,
+        text_tokens_zero_pad: bool = False,
+    ) -> None:
+        super().__init__()
+        patch_size = tuple(int(p) for p in patch_size)
+        if len(patch_size) != 3 or patch_size[0] != 1:
+            raise LongCatVideoError(
+                where="dit config patch_size",
+                value=list(patch_size),
+                rule="the patch must be 3D and must not compress time (patch_size[0] == 1)",
+                fix="use the official [1, 2, 2]",
+            )
+        if cp_split_hw is not None and math.prod(cp_split_hw) != 1:
+            raise LongCatVideoError(
+                where="dit config cp_split_hw",
+                value=cp_split_hw,
+                rule="context parallelism is not implemented by this transformer",
+                fix="leave cp_split_hw unset (or [1, 1])",
+            )
+        self.patch_size = patch_size
+        self.out_channels = out_channels
+
+        self.x_embedder = LongCatPatchEmbed3D(patch_size, in_channels, hidden_size)
+        self.t_embedder = LongCatTimestepEmbedder(adaln_tembed_dim, frequency_embedding_size)
+        self.y_embedder = LongCatCaptionProjection(caption_channels, hidden_size)
+        self.rope = LongCatRotaryPosEmbed3D(hidden_size // num_heads)
+        self.blocks = nn.ModuleList(
+            [LongCatVideoTransformerBlock(hidden_size, num_heads, mlp_ratio, adaln_tembed_dim) for _ in range(depth)]
+        )
+        self.final_layer = LongCatVideoFinalLayer(hidden_size, math.prod(patch_size), out_channels, adaln_tembed_dim)
+
+        self.gradient_checkpointing = False
+        self.attention_options = _options_from_legacy_config(
+            enable_flashattn3, enable_flashattn2, enable_xformers, enable_bsa, bsa_params
+        )
+
+    def set_attention_options(self, options: AttentionOptions | None = None, **changes: Any) -> AttentionOptions:
+        """Replace (``options``) and/or edit (keyword fields) the self-attention options; returns them.
+
+        ``backend`` is one of ``"auto"``, ``"sdpa"``, ``"xformers"``, ``"block_sparse"`` or any name
+        registered with :func:`simpletuner_longcat_video.attention.register_backend`.
+        """
+        new = dataclasses.replace(options or self.attention_options, **changes)
+        if new.backend != "auto" and new.backend not in registered_backends():
+            raise LongCatVideoError(
+                where="attention backend",
+                value=new.backend,
+                rule=f"no such backend is registered (known: auto, {', '.join(registered_backends())})",
+                fix="install the package that provides it, or choose 'auto' or 'sdpa'",
+            )
+        self.attention_options = new
+        return new
+
+    def _compute_dtype(self) -> torch.dtype:
+        dtype = self.x_embedder.proj.weight.dtype
+        # fp8 storage (layerwise casting, quantisation) is not a compute dtype.
+        return dtype if dtype in _COMPUTE_DTYPES else torch.bfloat16
+
+    @staticmethod
+    def _frame_timesteps(timestep: torch.Tensor | float, batch: int, frames: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            if t.shape[0] not in (1, batch):
+                raise LongCatVideoError(
+                    where="timestep shape",
+                    value=tuple(t.shape),
+                    rule=f"expected [B={batch}] or [B, T={frames}]",
+                    fix="pass one timestep per sample or one per sample and latent frame",
+                )
+            t = t.expand(batch)[:, None].expand(batch, frames)
+        elif t.ndim == 2 and t.shape[0] in (1, batch) and t.shape[1] in (1, frames):
+            t = t.expand(batch, frames)
+        else:
+            raise LongCatVideoError(
+                where="timestep shape",
+                value=tuple(t.shape),
+                rule=f"expected [B={batch}] or [B, T={frames}]",
+                fix="pass one timestep per sample or one per sample and latent frame",
+            )
+        return t
+
+    @staticmethod
+    def _text_mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
+            mask = mask[:, 0, 0]
+        elif mask.ndim == 3 and mask.shape[1] == 1:
+            mask = mask[:, 0]
+        if mask.shape != (batch, length):
+            raise LongCatVideoError(
+                where="encoder_attention_mask shape",
+                value=tuple(mask.shape),
+                rule=f"expected [B, L] = [{batch}, {length}] (or [B, 1, 1, L]) with nonzero for valid tokens",
+                fix="pass the tokenizer's attention mask for the padded prompt",
+            )
+        return mask != 0
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        num_cond_latents: int = 0,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow for ``hidden_states``; returns float32 ``[B, out_channels, T, H, W]``.
+
+        Args:
+            hidden_states: latents ``[B, C, T, H, W]``; ``H`` and ``W`` divisible by the patch.
+            timestep: ``[B]`` or per-frame ``[B, T]`` on the scheduler's 0..1000 scale. For
+                image-to-video the caller sets the condition frames' entries (upstream uses 0).
+            encoder_hidden_states: text states ``[B, 1, L, C_text]`` or ``[B, L, C_text]``.
+            encoder_attention_mask: ``[B, L]`` or ``[B, 1, 1, L]``, nonzero where a token is real.
+            num_cond_latents: leading latent frames that are clean condition (0 = text-to-video).
+            return_dict: return a ``Transformer2DModelOutput`` instead of a 1-tuple.
+        """
+        batch, _, frames, height, width = hidden_states.shape
+        pt, ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise LongCatVideoError(
+                where="latent height x width",
+                value=(height, width),
+                rule=f"must be divisible by the patch size {ph}x{pw}",
+                fix="use frame sizes that are multiples of 16 pixels",
+            )
+        grid = (frames // pt, height // ph, width // pw)
+        if not 0 <= num_cond_latents < grid[0]:
+            raise LongCatVideoError(
+                where="num_cond_latents",
+                value=num_cond_latents,
+                rule=f"must be at least 0 and below the {grid[0]} latent frames (some frames must be noisy)",
+                fix="use 0 for text-to-video and 1 for image-to-video",
+            )
+        device = hidden_states.device
+        dtype = self._compute_dtype()
+
+        # Upstream hands the timestep to the model in the model dtype; rounding it the same way
+        # (bf16 has 8 mantissa bits) keeps the embedding identical to the trained model's.
+        timestep = self._frame_timesteps(timestep, batch, grid[0], device).to(dtype)
+        temb = self.t_embedder(timestep.flatten()).view(batch, grid[0], -1)
+
+        text = encoder_hidden_states
+        if text.ndim == 4:
+            if text.shape[1] != 1:
+                raise LongCatVideoError(
+                    where="encoder_hidden_states shape",
+                    value=tuple(text.shape),
+                    rule="expected [B, 1, L, C] or [B, L, C]",
+                    fix="drop the extra axis",
+                )
+            text = text[:, 0]
+        text = text.to(dtype)
+        text_mask = self._text_mask(encoder_attention_mask, batch, text.shape[1])
+        if text_mask is not None and self.config.text_tokens_zero_pad:
+            y = self.y_embedder(text) * text_mask[..., None].to(dtype)
+            text_mask = None
+        else:
+            if text_mask is not None:
+                text, text_mask = self._drop_padding(text, text_mask)
+            y = self.y_embedder(text)
+
+        x = self.x_embedder(hidden_states.to(dtype))
+        rope_cos, rope_sin = self.rope(grid, device)
+        context = AttentionContext(
+            grid=grid, num_cond_tokens=num_cond_latents * grid[1] * grid[2], options=self.attention_options
+        )
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, y, text_mask, temb, rope_cos, rope_sin, context)
+            else:
+                x = block(x, y, text_mask, temb, rope_cos, rope_sin, context)
+
+        x = self.final_layer(x, temb, grid[0])
+        out = self._unpatchify(x, grid).float()
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    @staticmethod
+    def _drop_padding(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Tokens that no sample uses cost compute and nothing else; with one prompt (or equal
+        # lengths) the mask then disappears and cross-attention can use unmasked fused kernels.
+        keep = mask.any(dim=0)
+        n_keep = int(keep.sum())
+        if n_keep == 0:
+            return text[:, :1], mask[:, :1]
+        if n_keep < mask.shape[1]:
+            text, mask = text[:, keep], mask[:, keep]
+        return (text, None) if bool(mask.all()) else (text, mask)
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        t, h, w = grid
+        pt, ph, pw = self.patch_size
+        x = x.view(x.shape[0], t, h, w, pt, ph, pw, self.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], self.out_channels, t * pt, h * ph, w * pw)
+
+
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "FP32LayerNorm",
+    "FP32Linear",
+    "LongCatCaptionProjection",
+    "LongCatCrossAttention",
+    "LongCatPatchEmbed3D",
+    "LongCatRMSNorm",
+    "LongCatRotaryPosEmbed3D",
+    "LongCatSelfAttention",
+    "LongCatSwiGLU",
+    "LongCatTimestepEmbedder",
+    "LongCatVideoFinalLayer",
+    "LongCatVideoTransformer3DModel",
+    "LongCatVideoTransformerBlock",
+    "apply_rotary_3d",
+]
