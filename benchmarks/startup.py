@@ -44,7 +44,9 @@ def main() -> None:
     print(f"python: {sys.executable} ({sys.version.split()[0]}), runs: {args.runs}")
     print("| measure | median | max | target |")
     print("|---|---|---|---|")
-    print(f"| hook import (cumulative, -X importtime) | {statistics.median(hook):.2f} ms | {max(hook):.2f} ms | <= 10 ms |")
+    print(
+        f"| hook import (cumulative, -X importtime) | {statistics.median(hook):.2f} ms | {max(hook):.2f} ms | <= 10 ms |"
+    )
     print(f"| whole `python -c pass` (context) | {statistics.median(wall):.1f} ms | {max(wall):.1f} ms | - |")
     if statistics.median(hook) > 10:
         raise SystemExit("startup target missed")

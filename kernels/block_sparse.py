@@ -1,0 +1,293 @@
+"""Block-sparse attention over 3D token grids: public function, autograd glue and a torch reference.
+
+The Triton kernels are imported lazily so that the selection, the mask and the reference work on
+machines without Triton, and so tests can set ``TRITON_INTERPRET`` before the kernels are built.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .selection import ChunkLayout, mask_from_lists, select_blocks, token_blocks
+
+Grid = tuple[int, int, int]
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, where the kernels put batch * heads
+
+
+class BlockSparseArgumentError(ValueError):
+    """An argument of block_sparse_attention broke a rule; the message names both and the fix."""
+
+    def __init__(self, argument: str, value: object, rule: str, fix: str) -> None:
+        self.argument = argument
+        self.value = value
+        self.rule = rule
+        self.fix = fix
+        super().__init__(f"block_sparse_attention: {argument} = {value}: {rule}. Fix: {fix}")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device})"
+
+
+def _as_triple(name: str, value: object) -> Grid:
+    if not isinstance(value, Sequence) or len(value) != 3:
+        raise BlockSparseArgumentError(name, value, "must be a (t, h, w) triple", f"pass {name}=(T, H, W)")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < 1:
+            raise BlockSparseArgumentError(name, value, "every entry must be a positive int", f"pass {name}=(T, H, W)")
+        out.append(int(item))
+    return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    q_layout: ChunkLayout
+    k_layout: ChunkLayout
+    sparsity: float | None
+    cdf_threshold: float | None
+    scale: float
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_grid: object,
+    kv_grid: object,
+    chunk: object,
+    sparsity: float | None,
+    cdf_threshold: float | None,
+    scale: float | None,
+    *,
+    for_kernel: bool,
+) -> _Spec:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise BlockSparseArgumentError(name, type(t).__name__, "must be a torch.Tensor", "pass a tensor")
+        if t.dim() != 4:
+            raise BlockSparseArgumentError(
+                name, _describe(t), "must be 4-D [batch, heads, tokens, head_dim]", "reshape to [B, heads, S, D]"
+            )
+        # The reference and the mask also take float64; the kernels do not.
+        if t.dtype not in SUPPORTED_DTYPES and (for_kernel or t.dtype != torch.float64):
+            raise BlockSparseArgumentError(
+                name, _describe(t), "dtype must be bfloat16, float16 or float32", "cast with .to(torch.bfloat16)"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise BlockSparseArgumentError(name, _describe(t), f"dtype must equal q's {q.dtype}", "cast q, k, v alike")
+        if t.device != q.device:
+            raise BlockSparseArgumentError(
+                name, _describe(t), f"must be on q's device {q.device}", "move them together"
+            )
+    if k.shape != v.shape:
+        raise BlockSparseArgumentError(
+            "v", _describe(v), f"must have the shape of k {tuple(k.shape)}", "pass matching k, v"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
+        raise BlockSparseArgumentError(
+            "k", _describe(k), f"batch and heads must match q {tuple(q.shape[:2])}", "repeat kv heads before calling"
+        )
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise BlockSparseArgumentError("k", _describe(k), f"head_dim must match q's {head_dim}", "use one head_dim")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise BlockSparseArgumentError(
+            "q", _describe(q), f"head_dim must be one of {SUPPORTED_HEAD_DIMS}", "use a supported head size"
+        )
+
+    q_grid = _as_triple("q_grid", q_grid)
+    kv_grid = _as_triple("kv_grid", kv_grid)
+    chunk = _as_triple("chunk", chunk)
+    if math.prod(q_grid) != q.shape[2]:
+        raise BlockSparseArgumentError(
+            "q_grid", q_grid, f"T*H*W = {math.prod(q_grid)} must equal q's token count {q.shape[2]}", "pass q's grid"
+        )
+    if math.prod(kv_grid) != k.shape[2]:
+        raise BlockSparseArgumentError(
+            "kv_grid", kv_grid, f"T*H*W = {math.prod(kv_grid)} must equal k's token count {k.shape[2]}", "pass k's grid"
+        )
+    if q_grid[1:] != kv_grid[1:]:
+        raise BlockSparseArgumentError(
+            "kv_grid", kv_grid, f"H and W must equal q_grid's {q_grid[1:]} (only T may differ)", "pass matching grids"
+        )
+    volume = math.prod(chunk)
+    if volume < 16 or volume > 256 or volume & (volume - 1):
+        raise BlockSparseArgumentError(
+            "chunk", chunk, f"t*h*w = {volume} must be a power of two in [16, 256] (a tensor-core tile)",
+            "use e.g. (4, 4, 8)",
+        )  # fmt: skip
+
+    if sparsity is not None and not (_is_real(sparsity) and 0.0 <= sparsity <= 1.0):
+        raise BlockSparseArgumentError("sparsity", sparsity, "must be a number in [0, 1] or None", "pass e.g. 0.875")
+    if cdf_threshold is not None and not (_is_real(cdf_threshold) and 0.0 < cdf_threshold <= 1.0):
+        raise BlockSparseArgumentError("cdf_threshold", cdf_threshold, "must be in (0, 1] or None", "pass e.g. 0.9")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif not (_is_real(scale) and math.isfinite(scale) and scale > 0):
+        raise BlockSparseArgumentError("scale", scale, "must be a finite positive number", "omit it for 1/sqrt(D)")
+
+    if for_kernel:
+        if q.device.type != "cuda" and not _interpreting():
+            raise BlockSparseArgumentError(
+                "q", _describe(q), "the Triton kernels need a CUDA tensor", "move to CUDA, or set TRITON_INTERPRET=1"
+            )
+        if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+            raise BlockSparseArgumentError(
+                "q", _describe(q), f"batch * heads must be <= {MAX_GRID_Y}", "split the batch into smaller calls"
+            )
+
+    return _Spec(
+        q_layout=ChunkLayout(q_grid, chunk),
+        k_layout=ChunkLayout(kv_grid, chunk),
+        sparsity=None if sparsity is None else float(sparsity),
+        cdf_threshold=None if cdf_threshold is None else float(cdf_threshold),
+        scale=float(scale),
+    )
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    return select_blocks(
+        q,
+        k,
+        spec.q_layout,
+        spec.k_layout,
+        sparsity=spec.sparsity,
+        cdf_threshold=spec.cdf_threshold,
+        scale=spec.scale,
+    )
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Selects blocks, runs the Triton forward, and owns the saved tensors for the Triton backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec) -> torch.Tensor:  # type: ignore[override]
+        from . import triton_bsa
+
+        plan = triton_bsa.make_plan(spec.q_layout, spec.k_layout, q.device)
+        kv_list, kv_count = _select(q, k, spec)
+        kv_tiles, kv_tile_count = triton_bsa.key_tile_lists(kv_list, kv_count, plan)
+        o, lse = triton_bsa.bsa_forward(q, k, v, kv_tiles, kv_tile_count, plan, spec.scale)
+        ctx.save_for_backward(q, k, v, o, lse, kv_list, kv_count, kv_tiles, kv_tile_count)
+        ctx.spec = spec
+        ctx.plan = plan
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        from . import triton_bsa
+
+        q, k, v, o, lse, kv_list, kv_count, kv_tiles, kv_tile_count = ctx.saved_tensors
+        do = do.to(o.dtype)
+        delta = triton_bsa.bsa_delta(o, do)
+        # The dK/dV kernel walks, per key block, the query tiles of the blocks that selected it.
+        q_tiles, q_tile_count = triton_bsa.query_tile_lists(kv_list, kv_count, ctx.plan)
+        dq, dk, dv = triton_bsa.bsa_backward(
+            do, q, k, v, lse, delta, kv_tiles, kv_tile_count, q_tiles, q_tile_count, ctx.plan, ctx.spec.scale
+        )
+        return dq, dk, dv, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_grid: tuple[int, int, int],
+    kv_grid: tuple[int, int, int],
+    chunk: tuple[int, int, int] = (4, 4, 8),
+    sparsity: float | None = 0.875,
+    cdf_threshold: float | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention of raster-ordered tokens on 3D grids.
+
+    q: [B, heads, Tq*H*W, D]; k, v: [B, heads, Tk*H*W, D]; tokens in raster (t, h, w) order of
+    ``q_grid`` / ``kv_grid`` (H and W shared, T may differ). Tokens are grouped into ``chunk``
+    (t, h, w) blocks (partial at the grid's far edges); each query block attends to the key blocks
+    whose mean-pooled key scores highest against its mean-pooled query: the top
+    ``floor((1 - sparsity) * n_key_blocks)`` (at least one), widened to reach ``cdf_threshold`` of the
+    softmax mass when that is given (``sparsity=None`` or ``1.0`` leaves the CDF rule alone).
+    Returns [B, heads, Tq*H*W, D] in q's dtype, raster order. Differentiable in q, k, v; the block
+    selection is not.
+    """
+    spec = _validate(q, k, v, q_grid, kv_grid, chunk, sparsity, cdf_threshold, scale, for_kernel=True)
+    return _BlockSparseAttention.apply(q, k, v, spec)
+
+
+def block_sparse_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    q_grid: tuple[int, int, int],
+    kv_grid: tuple[int, int, int],
+    chunk: tuple[int, int, int] = (4, 4, 8),
+    sparsity: float | None = 0.875,
+    cdf_threshold: float | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The block selection block_sparse_attention makes: bool [B, heads, n_q_blocks, n_k_blocks].
+
+    Blocks are numbered in raster order of the chunk grid; ``token_blocks`` maps tokens to them.
+    """
+    spec = _validate(q, k, k, q_grid, kv_grid, chunk, sparsity, cdf_threshold, scale, for_kernel=False)
+    lists, counts = _select(q, k, spec)
+    return mask_from_lists(lists, counts, spec.k_layout.num_blocks)
+
+
+def block_sparse_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_grid: tuple[int, int, int],
+    kv_grid: tuple[int, int, int],
+    chunk: tuple[int, int, int] = (4, 4, 8),
+    sparsity: float | None = 0.875,
+    cdf_threshold: float | None = None,
+    scale: float | None = None,
+    block_mask: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Dense masked attention in ``compute_dtype`` with the same block selection (or ``block_mask``).
+
+    Materialises [B, heads, Sq, Sk]: for tests at small sizes. Differentiable in q, k, v; returns
+    ``compute_dtype``.
+    """
+    spec = _validate(q, k, v, q_grid, kv_grid, chunk, sparsity, cdf_threshold, scale, for_kernel=False)
+    if block_mask is None:
+        block_mask = block_sparse_mask(
+            q,
+            k,
+            q_grid=q_grid,
+            kv_grid=kv_grid,
+            chunk=chunk,
+            sparsity=sparsity,
+            cdf_threshold=cdf_threshold,
+            scale=scale,
+        )
+    q_of = token_blocks(spec.q_layout.grid, spec.q_layout.chunk, q.device)
+    k_of = token_blocks(spec.k_layout.grid, spec.k_layout.chunk, q.device)
+    block_mask = block_mask.to(q.device)
+    allowed = block_mask[:, :, q_of][:, :, :, k_of]
+    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * spec.scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v.to(compute_dtype)

@@ -1,0 +1,125 @@
+"""The block-sparse Triton kernel as an attention backend for the seam in ``attention.py``.
+
+Published through the ``simpletuner.attention_backends`` entry-point group as
+``block_sparse = simpletuner_longcat_video.attention_bsa:BACKEND``. Importing this module is cheap:
+Triton is imported, and a kernel compiled, only by :func:`is_available` and by the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Protocol
+
+import torch
+
+from simpletuner_longcat_video.kernels import BlockSparseArgumentError, block_sparse_attention
+
+
+class BlockSparseOptions(Protocol):
+    """The attributes read from the seam's options object."""
+
+    sparsity: float
+    chunk: tuple[int, int, int]
+    cdf_threshold: float | None
+
+
+class Availability(NamedTuple):
+    """``(ok, reason)``; also truthy exactly when ``ok``, so ``bool(is_available())`` is meaningful."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def block_sparse_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_grid: tuple[int, int, int],
+    kv_grid: tuple[int, int, int],
+    options: BlockSparseOptions,
+) -> torch.Tensor:
+    """Block-sparse self-attention; raises the seam's ``BackendDeclined`` for shapes it cannot tile.
+
+    The output is ``[B, heads, Sq, D]`` stored as ``[B, Sq, heads, D]`` (a transposed view), so the
+    usual ``out.transpose(1, 2).reshape(B, Sq, heads * D)`` afterwards is free.
+    """
+    try:
+        return block_sparse_attention(
+            q,
+            k,
+            v,
+            q_grid=tuple(q_grid),
+            kv_grid=tuple(kv_grid),
+            chunk=tuple(options.chunk),
+            sparsity=options.sparsity,
+            cdf_threshold=options.cdf_threshold,
+        )
+    except BlockSparseArgumentError as exc:
+        # A head size, dtype or chunk the kernels do not take is a property of this call, not a
+        # broken kernel: decline it (it goes to SDPA) and stay in service for other calls.
+        from simpletuner_longcat_video.attention import BackendDeclined
+
+        raise BackendDeclined(str(exc)) from exc
+
+
+@functools.cache
+def is_available() -> Availability:
+    """Whether the kernels run here: CUDA present, Triton importable, and a tiny forward *and*
+    backward compile, run and agree with dense attention (the seam can only catch forward errors)."""
+    if not torch.cuda.is_available():
+        return Availability(False, "no CUDA device (the block-sparse kernels are Triton GPU kernels)")
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return Availability(False, f"triton is not importable: {exc!r}")
+    try:
+        grid = (2, 4, 4)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 2, 32, 64, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            for _ in range(3)
+        )
+        out = block_sparse_attention(q, k, v, q_grid=grid, kv_grid=grid, chunk=(1, 4, 4), sparsity=0.0)
+        out.float().sum().backward()
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.detach().float(), k.detach().float(), v.detach().float()
+        )
+        error = ((out.float() - ref).norm() / ref.norm()).item()
+        grads_finite = all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+        torch.cuda.synchronize()
+    except Exception as exc:
+        return Availability(False, f"the block-sparse kernels failed to compile or run: {exc!r}")
+    if not (error < 2e-2 and grads_finite):
+        return Availability(False, f"the block-sparse smoke test disagreed with SDPA (rel. error {error:.3g})")
+    return Availability(True, "CUDA, Triton, and a compiled forward and backward")
+
+
+class _BlockSparseBackend:
+    """What the entry point names: the backend callable plus its availability probe."""
+
+    name = "block_sparse"
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q_grid: tuple[int, int, int],
+        kv_grid: tuple[int, int, int],
+        options: BlockSparseOptions,
+    ) -> torch.Tensor:
+        return block_sparse_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
+
+    def is_available(self) -> Availability:
+        return is_available()
+
+    def __repr__(self) -> str:
+        return "<attention backend 'block_sparse' (Triton block-sparse attention)>"
+
+
+BACKEND = _BlockSparseBackend()
