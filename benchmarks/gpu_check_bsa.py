@@ -25,6 +25,7 @@ import torch
 from simpletuner_longcat_video.kernels import block_sparse_attention, block_sparse_mask, token_blocks, topk_count
 from simpletuner_longcat_video.kernels import triton_bsa as tk
 
+DEVICE = "cuda"  # a module constant so a CPU dry run under TRITON_INTERPRET=1 can swap it
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
 
 
@@ -80,7 +81,7 @@ def check_against_reference(
     name, *, grid_q, grid_kv, heads=2, batch=1, dim=128, dtype=torch.bfloat16, sparsity=0.875, cdf=None,
     chunk=(4, 4, 8), backward=True, ref_heads=None, seed=0,
 ):  # fmt: skip
-    dev = "cuda"
+    dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(seed)
     sq, sk = math.prod(grid_q), math.prod(grid_kv)
     q = torch.randn(batch, heads, sq, dim, device=dev, dtype=dtype, generator=gen)
@@ -115,13 +116,12 @@ def check_against_reference(
     return {"name": name, "ok": ok, "detail": detail, "tolerance": tol, "errors": errors}
 
 
-def check_dense_equals_sdpa():
-    dev = "cuda"
-    grid = (8, 16, 32)
+def check_dense_equals_sdpa(grid=(8, 16, 32), heads=4, dim=128, chunk=(4, 4, 8)):
+    dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(1)
-    q, k, v, do = (torch.randn(1, 4, math.prod(grid), 128, device=dev, generator=gen) for _ in range(4))
+    q, k, v, do = (torch.randn(1, heads, math.prod(grid), dim, device=dev, generator=gen) for _ in range(4))
     leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*leaves, q_grid=grid, kv_grid=grid, sparsity=0.0)
+    out = block_sparse_attention(*leaves, q_grid=grid, kv_grid=grid, chunk=chunk, sparsity=0.0)
     out.backward(do.bfloat16())
     ref_leaves = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
@@ -137,17 +137,17 @@ def check_dense_equals_sdpa():
         )
     }
     ok = all(e <= 1e-2 for e in errors.values())
-    return {"name": "sparsity 0 == dense SDPA (8x16x32)", "ok": ok, "detail": str(errors), "errors": errors}
+    name = f"sparsity 0 == dense SDPA ({'x'.join(map(str, grid))})"
+    return {"name": name, "ok": ok, "detail": str(errors), "errors": errors}
 
 
-def check_strided_views():
-    dev = "cuda"
-    grid = (12, 22, 40)
+def check_strided_views(grid=(12, 22, 40), heads=4, dim=128, chunk=(4, 4, 8)):
+    dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(2)
-    qkv = torch.randn(1, math.prod(grid), 3, 4, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    qkv = torch.randn(1, math.prod(grid), 3, heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
     qkv.requires_grad_()
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    kw = dict(q_grid=grid, kv_grid=grid, sparsity=0.75)
+    kw = dict(q_grid=grid, kv_grid=grid, chunk=chunk, sparsity=0.75)
     do = torch.randn_like(q)
     out = block_sparse_attention(q, k, v, **kw)
     out.backward(do)
@@ -159,7 +159,7 @@ def check_strided_views():
         (g - c.grad).abs().max().item() for g, c in zip(grads, (qc, kc, vc), strict=True)
     ]
     return {
-        "name": "packed qkv views == contiguous (12x22x40)",
+        "name": f"packed qkv views == contiguous ({'x'.join(map(str, grid))})",
         "ok": max(diffs) == 0.0,
         "detail": f"max|diff|={diffs}",
     }

@@ -179,7 +179,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     """Selects blocks, runs the Triton forward, and owns the saved tensors for the Triton backward."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec) -> torch.Tensor:  # type: ignore
         from . import triton_bsa
 
         plan = triton_bsa.make_plan(spec.q_layout, spec.k_layout, q.device)
@@ -226,8 +226,10 @@ def block_sparse_attention(
     whose mean-pooled key scores highest against its mean-pooled query: the top
     ``floor((1 - sparsity) * n_key_blocks)`` (at least one), widened to reach ``cdf_threshold`` of the
     softmax mass when that is given (``sparsity=None`` or ``1.0`` leaves the CDF rule alone).
-    Returns [B, heads, Tq*H*W, D] in q's dtype, raster order. Differentiable in q, k, v; the block
-    selection is not.
+    Returns [B, heads, Tq*H*W, D] in q's dtype, raster order, stored as [B, Tq*H*W, heads, D] (a
+    transposed view, so ``out.transpose(1, 2).reshape(B, S, heads * D)`` costs no copy). Inputs may
+    have any strides (e.g. views of a packed qkv projection); nothing is copied around the kernels.
+    Differentiable in q, k, v; the block selection is not.
     """
     spec = _validate(q, k, v, q_grid, kv_grid, chunk, sparsity, cdf_threshold, scale, for_kernel=True)
     return _BlockSparseAttention.apply(q, k, v, spec)

@@ -166,13 +166,31 @@ def select_blocks(
         return select_from_scores(scores, sparsity=sparsity, cdf_threshold=cdf_threshold, scale=scale)
 
 
+def _padded_rows(layout: ChunkLayout, tile: int) -> int:
+    """Rows the kernels compute for ``layout`` when every block is visited in ``tile``-row tiles."""
+    tiles = torch.div(layout.block_tokens().to(torch.int64) + tile - 1, tile, rounding_mode="floor")
+    return int(tiles.sum()) * tile
+
+
 def choose_tile(q_layout: ChunkLayout, k_layout: ChunkLayout) -> int:
-    """Rows per kernel tile: the whole chunk, or half of it when some block is partial (edge chunks
-    of real grids are typically half full, so half tiles skip most of their padding)."""
+    """Rows per list tile: the whole chunk, or half of it where that skips enough padding.
+
+    A program owns a whole chunk and walks the other side in list tiles, so the work is
+    (own rows, padded to chunks) x (other rows, padded to tiles), for the forward/dQ and the dK/dV
+    direction alike. Half tiles are taken when they cut that by more than 5% (on a 480p grid,
+    24x30x52, edge chunks are half empty: 15% of the key rows are padding with whole-chunk tiles).
+    """
     volume = q_layout.block_volume
-    if q_layout.partial or k_layout.partial:
-        return max(16, volume // 2)
-    return volume
+    half = volume // 2
+    if half < 16 or not (q_layout.partial or k_layout.partial):
+        return volume
+
+    def work(tile: int) -> int:
+        return _padded_rows(q_layout, volume) * _padded_rows(k_layout, tile) + _padded_rows(
+            k_layout, volume
+        ) * _padded_rows(q_layout, tile)
+
+    return half if work(half) < 0.95 * work(volume) else volume
 
 
 @dataclass(frozen=True)
@@ -181,14 +199,13 @@ class TileGeometry:
 
     A block's class is ``4 * (t partial) + 2 * (h partial) + (w partial)``; ``rel[c, r]`` is the
     token offset of real row ``r`` from the block's first cell and ``n_real[c]`` its real-row count.
-    ``tiles`` lists the tiles holding at least one real row (tile ``i`` is rows
-    ``(i % tpb) * tile ...`` of block ``i // tpb``); ``tiles_per_block`` counts them per block.
+    Tile ``i`` is rows ``(i % tiles_per_chunk) * tile ...`` of block ``i // tiles_per_chunk``;
+    ``tiles_per_block`` counts the tiles of each block that hold at least one real row.
     """
 
     tile: int
     rel: torch.Tensor
     n_real: torch.Tensor
-    tiles: torch.Tensor
     tiles_per_block: torch.Tensor
 
     @property
@@ -212,17 +229,8 @@ def _tile_geometry(layout: ChunkLayout, tile: int, device: str) -> TileGeometry:
         rel[cls, : offsets.numel()] = offsets.to(torch.int32)
         n_real[cls] = offsets.numel()
     tiles_per_block = torch.div(layout.block_tokens().to(torch.int64) + tile - 1, tile, rounding_mode="floor")
-    per_chunk = volume // tile
-    tile_ids = torch.arange(layout.num_blocks * per_chunk)
-    tiles = tile_ids[(tile_ids % per_chunk) < tiles_per_block.repeat_interleave(per_chunk)]
     dev = torch.device(device)
-    return TileGeometry(
-        tile=tile,
-        rel=rel.to(dev),
-        n_real=n_real.to(dev),
-        tiles=tiles.to(torch.int32).to(dev),
-        tiles_per_block=tiles_per_block.to(dev),
-    )
+    return TileGeometry(tile=tile, rel=rel.to(dev), n_real=n_real.to(dev), tiles_per_block=tiles_per_block.to(dev))
 
 
 def tile_geometry(layout: ChunkLayout, tile: int, device: torch.device | str) -> TileGeometry:

@@ -1,17 +1,19 @@
 """Triton kernels for block-sparse attention over 3D token grids.
 
-Tensors stay in raster order (t, h, w) with whatever strides the caller has; a kernel turns
-"row r of tile i" into a token index (``_tile_rows``), so nothing is regrouped or copied around
-the kernels. A block (one 3D chunk) is ``TILE``-row tiles, numbered real rows first; on grids with
-partial edge chunks a small table maps rows to tokens and only tiles holding real rows are visited.
+Tensors stay in raster order (t, h, w) with whatever strides the caller has; a kernel turns "row r
+of chunk c" into a token index (``_tile_rows``), so nothing is regrouped or copied around the
+kernels. Rows of a chunk are numbered real cells first; on grids with partial edge chunks a small
+table maps rows to tokens. Each program owns (a row block of) one chunk; its inner loop walks a
+compact list of ``TILE``-row tiles of the other side, where ``TILE`` is the chunk or half of it
+and tiles holding padding only are left out of the lists, so half-empty edge chunks cost half.
 Padding rows inside a visited tile are loaded as zero and masked: keys out of the softmax, queries
 out of every store. Zero q and dO (and LSE = delta = 0) on those rows also make them contribute
 exactly nothing to dK/dV.
 
-Which key tiles a query block attends to is a compact list per query block (``KV_LIST`` with
-``KV_COUNT`` valid entries, the tiles of its selected key blocks); the dK/dV kernel gets the
-transposed lists (for every key block, the query tiles whose block selected it), so every
-gradient is accumulated in registers without atomics.
+Which key tiles a query chunk attends to is a list per query chunk (``KV_LIST`` with ``KV_COUNT``
+valid entries: the tiles of its selected key chunks); the dK/dV kernel gets the transposed lists
+(for every key chunk, the query tiles of the chunks that selected it), so every gradient is
+accumulated in registers without atomics.
 
 Softmax runs in base 2: scores are multiplied by ``scale * log2(e)``, and the saved LSE is in log2
 units, which the backward reuses as is.
@@ -19,6 +21,7 @@ units, which the backward reuses as is.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -49,18 +52,19 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# Explicit candidates, best guess first. M_SPLIT/N_SPLIT cut a TILE into that many row blocks (per
-# program or per loop step); BLOCK_M/BLOCK_N are the inner-loop row blocks of the backward kernels.
-# Configs with num_stages=1 are only the interpreter's picks (the most split tiling a tiny chunk
-# allows, so CPU tests walk the sub-tile paths); GPU tuning never sees them.
+# Explicit candidates, best guess first. A program owns a whole chunk (``CHUNK`` rows) cut into
+# ``*_SPLIT`` row blocks (one per program); its inner loop walks list tiles of ``TILE`` rows, in
+# steps of ``TILE // N_SPLIT`` (forward) or ``BLOCK_M``/``BLOCK_N`` rows (backward). Configs with
+# num_stages=1 are only the interpreter's picks (the most split tiling a tiny chunk allows, so CPU
+# tests walk the sub-block paths); GPU tuning never sees them.
 FWD_CONFIGS = [
     _cfg(8, 3, M_SPLIT=1, N_SPLIT=1),
-    _cfg(4, 3, M_SPLIT=1, N_SPLIT=1),
     _cfg(8, 2, M_SPLIT=1, N_SPLIT=1),
     _cfg(8, 3, M_SPLIT=1, N_SPLIT=2),
     _cfg(4, 3, M_SPLIT=2, N_SPLIT=1),
     _cfg(4, 3, M_SPLIT=2, N_SPLIT=2),
     _cfg(4, 1, M_SPLIT=2, N_SPLIT=2),
+    _cfg(4, 1, M_SPLIT=2, N_SPLIT=1),
     _cfg(4, 1, M_SPLIT=1, N_SPLIT=1),
 ]
 DKDV_CONFIGS = [
@@ -82,29 +86,36 @@ DQ_CONFIGS = [
 ]
 
 
-def _config_valid(config: triton.Config, tile: int, program_split: str) -> bool:
-    """Every row block must be a tensor-core size (>= 16 rows) that divides the tile, and a
-    program's own rows (the ``program_split`` block) at most 16 per warp: above that, ptxas -v
-    shows sm_90 builds spilling registers."""
+def _config_valid(config: triton.Config, chunk: int, tile: int, program_split: str) -> bool:
+    """Row blocks must be tensor-core sized (>= 16 rows) and divide what they cut (the chunk for the
+    program's own split, the list tile otherwise); and a program may own at most 16 rows per warp:
+    above that, ptxas -v shows sm_90 builds spilling registers. (The GPU configs above were checked
+    with ptxas -v for chunk 128, head dim 128, bf16: no spills, except up to 36 bytes in the two
+    BLOCK_M=64 dK/dV configs on grids with partial chunks.)"""
     for name, value in config.kwargs.items():
-        rows = tile // value if name.endswith("SPLIT") else value
-        if rows < 16 or rows > tile or tile % rows:
+        whole = chunk if name == program_split else tile
+        rows = whole // value if name.endswith("SPLIT") else value
+        if rows < 16 or rows > whole or whole % rows:
             return False
-    return tile // config.kwargs[program_split] <= 16 * config.num_warps
+    return chunk // config.kwargs[program_split] <= 16 * config.num_warps
 
 
-def _pick(configs: list[triton.Config], tile: int, program_split: str) -> triton.Config:
-    valid = [c for c in configs if _config_valid(c, tile, program_split)]
+def _pick(configs: list[triton.Config], chunk: int, tile: int, program_split: str) -> triton.Config:
+    valid = [c for c in configs if _config_valid(c, chunk, tile, program_split)]
     if _INTERPRET:
         return next(c for c in valid if c.num_stages == 1)
     return next((c for c in valid if c.num_stages > 1), valid[0])
 
 
+def _sizes(args: dict) -> tuple[int, int]:
+    return int(args["CT"]) * int(args["CH"]) * int(args["CW"]), int(args["TILE"])
+
+
 def _pruner(program_split: str):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-        tile = int({**named_args, **kwargs}["TILE"])
-        valid = [c for c in configs if c.num_stages > 1 and _config_valid(c, tile, program_split)]
-        return valid or [_pick(configs, tile, program_split)]
+        chunk, tile = _sizes({**named_args, **kwargs})
+        valid = [c for c in configs if c.num_stages > 1 and _config_valid(c, chunk, tile, program_split)]
+        return valid or [_pick(configs, chunk, tile, program_split)]
 
     return prune
 
@@ -125,7 +136,8 @@ def _tile_rows(
     ROWS: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr,
     PARTIAL: tl.constexpr,
 ):  # fmt: skip
-    """Tokens of rows ``row0 .. row0 + ROWS - 1`` of ``tile``: (token index, row is real, some row is padding)."""
+    """Rows ``row0 .. row0 + ROWS - 1`` of ``tile`` (of TILE rows; TILE == chunk: tile == chunk):
+    (token index, row is real, some row is padding)."""
     CHUNK: tl.constexpr = CT * CH * CW
     TPB: tl.constexpr = CHUNK // TILE
     block = tile // TPB
@@ -153,7 +165,7 @@ def _tile_rows(
 
 @triton.jit
 def _bsa_fwd_kernel(
-    Q, K, V, Out, LSE, KV_LIST, KV_COUNT, Q_TILES, REL_Q, REL_K,
+    Q, K, V, Out, LSE, KV_LIST, KV_COUNT, REL_Q, REL_K,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -165,21 +177,18 @@ def _bsa_fwd_kernel(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     M_SPLIT: tl.constexpr, N_SPLIT: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_M: tl.constexpr = TILE // M_SPLIT
+    CHUNK: tl.constexpr = CT * CH * CW
+    BLOCK_M: tl.constexpr = CHUNK // M_SPLIT
     BLOCK_N: tl.constexpr = TILE // N_SPLIT
-    TPB: tl.constexpr = CT * CH * CW // TILE
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_heads
     h = bh % n_heads
-    q_tile = pid_m // M_SPLIT
-    if Q_PARTIAL:
-        q_tile = tl.load(Q_TILES + q_tile)
-    q_block = q_tile // TPB
+    q_block = pid_m // M_SPLIT
 
     offs_d = tl.arange(0, HEAD_DIM)
     tok_m, valid_m, _ = _tile_rows(
-        q_tile, (pid_m % M_SPLIT) * BLOCK_M, t_q, H, W, nb_h, nb_w, REL_Q, BLOCK_M, CT, CH, CW, TILE, Q_PARTIAL
+        q_block, (pid_m % M_SPLIT) * BLOCK_M, t_q, H, W, nb_h, nb_w, REL_Q, BLOCK_M, CT, CH, CW, CHUNK, Q_PARTIAL
     )
     if OFF64:
         tok_m = tok_m.to(tl.int64)
@@ -195,11 +204,13 @@ def _bsa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     list_row = KV_LIST + (bh * n_q_blocks + q_block) * list_width
-    count = tl.load(KV_COUNT + bh * n_q_blocks + q_block)
+    steps = tl.load(KV_COUNT + bh * n_q_blocks + q_block) * N_SPLIT
+    if Q_PARTIAL:
+        # A row block of an edge chunk may hold padding only: it has nothing to compute or store.
+        steps = tl.where(tl.max(valid_m.to(tl.int32), 0) > 0, steps, 0)
     # The next list entry is carried in a register, a step ahead: the pipeliner then sees K/V
     # addresses that do not wait on a load of the same step and prefetches them two steps ahead
     # (loading the entry in-step left one step of distance and exposed the K/V latency).
-    steps = count * N_SPLIT
     next_kt = tl.load(list_row)
     for j in range(0, steps):
         kt = next_kt
@@ -273,7 +284,7 @@ def _bsa_delta_kernel(
 
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_LIST, Q_COUNT, K_TILES, REL_Q, REL_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_LIST, Q_COUNT, REL_Q, REL_K,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -287,24 +298,21 @@ def _bsa_bwd_dkdv_kernel(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     N_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    # One program owns a key row block and walks the query tiles whose block selected its block.
-    # Padding key rows get garbage dK/dV that is never stored; padding query rows load q = dO = 0
-    # and LSE = delta = 0, so they add exactly zero.
-    BLOCK_N: tl.constexpr = TILE // N_SPLIT
+    # One program owns a row block of a key chunk and walks the query tiles whose block selected
+    # that chunk. Padding key rows get garbage dK/dV that is never stored; padding query rows load
+    # q = dO = 0 and LSE = delta = 0, so they add exactly zero.
+    CHUNK: tl.constexpr = CT * CH * CW
+    BLOCK_N: tl.constexpr = CHUNK // N_SPLIT
     SUB: tl.constexpr = TILE // BLOCK_M
-    TPB: tl.constexpr = CT * CH * CW // TILE
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_heads
     h = bh % n_heads
-    k_tile = pid_n // N_SPLIT
-    if K_PARTIAL:
-        k_tile = tl.load(K_TILES + k_tile)
-    k_block = k_tile // TPB
+    k_block = pid_n // N_SPLIT
 
     offs_d = tl.arange(0, HEAD_DIM)
     tok_n, valid_n, _ = _tile_rows(
-        k_tile, (pid_n % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
+        k_block, (pid_n % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, CHUNK, K_PARTIAL
     )
     if OFF64:
         tok_n = tok_n.to(tl.int64)
@@ -323,8 +331,9 @@ def _bsa_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     list_row = Q_LIST + (bh * n_k_blocks + k_block) * list_width
-    count = tl.load(Q_COUNT + bh * n_k_blocks + k_block)
-    steps = count * SUB
+    steps = tl.load(Q_COUNT + bh * n_k_blocks + k_block) * SUB
+    if K_PARTIAL:
+        steps = tl.where(tl.max(valid_n.to(tl.int32), 0) > 0, steps, 0)
     next_qt = tl.load(list_row)
     for j in range(0, steps):
         qt = next_qt
@@ -364,7 +373,7 @@ def _bsa_bwd_dkdv_kernel(
 
 @triton.jit
 def _bsa_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_LIST, KV_COUNT, Q_TILES, REL_Q, REL_K,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_LIST, KV_COUNT, REL_Q, REL_K,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -377,21 +386,18 @@ def _bsa_bwd_dq_kernel(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     M_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    BLOCK_M: tl.constexpr = TILE // M_SPLIT
+    CHUNK: tl.constexpr = CT * CH * CW
+    BLOCK_M: tl.constexpr = CHUNK // M_SPLIT
     SUB: tl.constexpr = TILE // BLOCK_N
-    TPB: tl.constexpr = CT * CH * CW // TILE
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_heads
     h = bh % n_heads
-    q_tile = pid_m // M_SPLIT
-    if Q_PARTIAL:
-        q_tile = tl.load(Q_TILES + q_tile)
-    q_block = q_tile // TPB
+    q_block = pid_m // M_SPLIT
 
     offs_d = tl.arange(0, HEAD_DIM)
     tok_m, valid_m, _ = _tile_rows(
-        q_tile, (pid_m % M_SPLIT) * BLOCK_M, t_q, H, W, nb_h, nb_w, REL_Q, BLOCK_M, CT, CH, CW, TILE, Q_PARTIAL
+        q_block, (pid_m % M_SPLIT) * BLOCK_M, t_q, H, W, nb_h, nb_w, REL_Q, BLOCK_M, CT, CH, CW, CHUNK, Q_PARTIAL
     )
     if OFF64:
         tok_m = tok_m.to(tl.int64)
@@ -413,8 +419,9 @@ def _bsa_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     list_row = KV_LIST + (bh * n_q_blocks + q_block) * list_width
-    count = tl.load(KV_COUNT + bh * n_q_blocks + q_block)
-    steps = count * SUB
+    steps = tl.load(KV_COUNT + bh * n_q_blocks + q_block) * SUB
+    if Q_PARTIAL:
+        steps = tl.where(tl.max(valid_m.to(tl.int32), 0) > 0, steps, 0)
     next_kt = tl.load(list_row)
     for j in range(0, steps):
         kt = next_kt
@@ -473,7 +480,7 @@ def _launch(name: str, grid, *args: object, **constexprs: object) -> None:
     LONGCAT_BSA_AUTOTUNE=0 (Triton's autotuner benchmarks even a single surviving config)."""
     kernel, configs = _KERNELS[name]
     if _INTERPRET or not _AUTOTUNE:
-        cfg = _pick(configs, int(constexprs["TILE"]), _PROGRAM_SPLIT[name])
+        cfg = _pick(configs, *_sizes(constexprs), _PROGRAM_SPLIT[name])
         kernel[grid(cfg.kwargs)](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _TUNED[name][grid](*args, **constexprs)
@@ -503,14 +510,6 @@ class Plan:
     q_geo: TileGeometry
     k_geo: TileGeometry
 
-    @property
-    def n_q_tiles(self) -> int:
-        return self.q_geo.tiles.numel()
-
-    @property
-    def n_k_tiles(self) -> int:
-        return self.k_geo.tiles.numel()
-
     def constexprs(self, dtype: torch.dtype, head_dim: int, *tensors: torch.Tensor) -> dict[str, object]:
         return {
             "CT": self.q_layout.chunk[0],
@@ -532,7 +531,9 @@ class Plan:
         return self.q_layout.grid[0], self.k_layout.grid[0], gh, gw, nb_h, nb_w
 
 
-def make_plan(q_layout: ChunkLayout, k_layout: ChunkLayout, device: torch.device | str) -> Plan:
+@functools.lru_cache(maxsize=64)
+def make_plan(q_layout: ChunkLayout, k_layout: ChunkLayout, device: torch.device) -> Plan:
+    """The (cached) plan for a query/key layout pair on ``device``."""
     tile = choose_tile(q_layout, k_layout)
     return Plan(
         q_layout=q_layout,
@@ -574,12 +575,11 @@ def bsa_forward(
     lse = _empty((b, n_heads, sq), q, torch.float32)
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (plan.n_q_tiles * meta["M_SPLIT"], b * n_heads)
+        return (plan.q_layout.num_blocks * meta["M_SPLIT"], b * n_heads)
 
     _launch(
         "fwd", grid,
-        q, k, v, o, lse, kv_tiles, kv_tile_count, plan.q_geo.tiles,
-        plan.q_geo.rel, plan.k_geo.rel,
+        q, k, v, o, lse, kv_tiles, kv_tile_count, plan.q_geo.rel, plan.k_geo.rel,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         n_heads, scale * LOG2E,
         *plan.grid_args(), plan.q_layout.num_blocks, kv_tiles.shape[-1],
@@ -619,12 +619,11 @@ def bsa_backward(
     constexprs = plan.constexprs(q.dtype, d, q, k, v, do, dq, dk, dv)
 
     def grid_dkdv(meta: dict) -> tuple[int, int]:
-        return (plan.n_k_tiles * meta["N_SPLIT"], b * n_heads)
+        return (plan.k_layout.num_blocks * meta["N_SPLIT"], b * n_heads)
 
     _launch(
         "dkdv", grid_dkdv,
-        q, k, v, do, lse, delta, dk, dv, q_tiles, q_tile_count, plan.k_geo.tiles,
-        plan.q_geo.rel, plan.k_geo.rel,
+        q, k, v, do, lse, delta, dk, dv, q_tiles, q_tile_count, plan.q_geo.rel, plan.k_geo.rel,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         n_heads, scale * LOG2E, scale,
         *plan.grid_args(), plan.k_layout.num_blocks, q_tiles.shape[-1],
@@ -632,12 +631,11 @@ def bsa_backward(
     )  # fmt: skip
 
     def grid_dq(meta: dict) -> tuple[int, int]:
-        return (plan.n_q_tiles * meta["M_SPLIT"], b * n_heads)
+        return (plan.q_layout.num_blocks * meta["M_SPLIT"], b * n_heads)
 
     _launch(
         "dq", grid_dq,
-        q, k, v, do, lse, delta, dq, kv_tiles, kv_tile_count, plan.q_geo.tiles,
-        plan.q_geo.rel, plan.k_geo.rel,
+        q, k, v, do, lse, delta, dq, kv_tiles, kv_tile_count, plan.q_geo.rel, plan.k_geo.rel,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         n_heads, scale * LOG2E, scale,
         *plan.grid_args(), plan.q_layout.num_blocks, kv_tiles.shape[-1],

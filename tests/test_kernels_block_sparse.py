@@ -226,8 +226,8 @@ def test_tile_tables_cover_each_block_exactly_once(grid, chunk):
     (_, gh, gw), (ct, ch, cw), (_, nb_h, nb_w) = layout.grid, layout.chunk, layout.blocks
     owner = token_blocks(grid, chunk)
     seen = torch.zeros(layout.num_tokens, dtype=torch.int64)
-    for t in geo.tiles.tolist():
-        block, sub = divmod(t, layout.block_volume // tile)
+    listed = [(b, s) for b in range(layout.num_blocks) for s in range(int(geo.tiles_per_block[b]))]
+    for block, sub in listed:
         bt, bh, bw = block // (nb_h * nb_w), (block // nb_w) % nb_h, block % nb_w
         cls = 4 * (bt * ct + ct > grid[0]) + 2 * (bh * ch + ch > gh) + (bw * cw + cw > gw)
         rows = torch.arange(sub * tile, (sub + 1) * tile)
