@@ -74,8 +74,44 @@ def test_train_config_reaches_our_family(tmp_path):
     output = result.stdout + result.stderr
     assert "is provided by plugin simpletuner-longcat-video" in output
     # Past the host's argument parsing and into our family: it is our checkpoint check that stops it.
-    assert "error: argument" not in output
-    assert str(tmp_path / "no-such-checkpoint") in output
+    assert "error: argument" not in output and "unrecognized arguments" not in output
+    assert f"pretrained_model_name_or_path = '{tmp_path / 'no-such-checkpoint'}'" in output
+    assert "a local LongCat-Video checkpoint folder must exist" in output
+    assert result.returncode != 0
+
+
+def _fake_layout(root: Path) -> Path:
+    # Empty official folders: enough for the layout check, which runs before anything is read.
+    checkpoint = root / "ckpt"
+    for name in ("dit", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (checkpoint / name).mkdir(parents=True)
+    return checkpoint
+
+
+def test_train_accepts_plugin_keys_and_names_a_bad_chunk(tmp_path):
+    checkpoint = _fake_layout(tmp_path)
+    _write_config(
+        tmp_path,
+        pretrained_model_name_or_path=str(checkpoint),
+        attention_implementation="sdpa",
+        longcat_bsa_sparsity=0.75,
+        longcat_bsa_chunk="3,3,3",
+    )
+    result = _simpletuner("train", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "unrecognized arguments" not in output
+    assert "longcat_bsa_chunk = '3,3,3'" in output
+    assert "power of two from 16 to 256" in output
+    assert result.returncode != 0
+
+
+def test_train_missing_dit_folder_is_named(tmp_path):
+    checkpoint = _fake_layout(tmp_path)
+    (checkpoint / "dit").rmdir()
+    _write_config(tmp_path, pretrained_model_name_or_path=str(checkpoint))
+    result = _simpletuner("train", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "missing: ['dit']" in output
     assert result.returncode != 0
 
 

@@ -1,8 +1,9 @@
 """Interpreter-start hook, executed by ``simpletuner_longcat_video.pth`` in every process.
 
-It installs one meta-path finder that waits for the host's model registry module
-(``simpletuner.helpers.models.registry``) to be imported; right after that module has executed,
-the plugin's entry points are registered into it. Until then nothing but ``sys`` is touched, so
+It installs one meta-path finder that waits for two host modules: right after the model registry
+(``simpletuner.helpers.models.registry``) has executed, the plugin's entry points are registered
+into it; right after the argument module (``simpletuner.helpers.configuration.cmd_args``) has
+executed, the plugin's config options are added to the host's parser. Until then nothing but ``sys`` is touched, so
 a Python process that never imports SimpleTuner pays only for reading this file (the startup
 benchmark in ``benchmarks/startup.py`` measures it). Set ``SIMPLETUNER_PLUGINS_DISABLE=1`` to
 skip the hook entirely.
@@ -12,13 +13,19 @@ import os
 import sys
 
 REGISTRY_MODULE = "simpletuner.helpers.models.registry"
+# host module -> function of simpletuner_longcat_video.plugin called with it once it has executed
+HOOKS = {
+    REGISTRY_MODULE: "register_entry_points",
+    "simpletuner.helpers.configuration.cmd_args": "extend_host_arguments",
+}
+_fired: set = set()
 
 
-class RegistryWatcher:
-    """Finds nothing itself; wraps the host's own loader for the registry module."""
+class HostModuleWatcher:
+    """Finds nothing itself; wraps the host's own loaders for the hooked modules."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != REGISTRY_MODULE:
+        if fullname not in HOOKS or fullname in _fired:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -35,39 +42,42 @@ class RegistryWatcher:
 
         def exec_module(module):
             original_exec(module)
-            on_registry_loaded(module)
+            on_module_loaded(module)
 
         loader.exec_module = exec_module
         return spec
 
 
-def on_registry_loaded(module) -> None:
-    uninstall()
+def on_module_loaded(module) -> None:
+    _fired.add(module.__name__)
+    if _fired >= HOOKS.keys():
+        uninstall()
     try:
         from simpletuner_longcat_video import plugin
 
-        plugin.register_entry_points(module)
+        getattr(plugin, HOOKS[module.__name__])(module)
     except Exception as exc:  # a broken plugin must never take the host down with it
         sys.stderr.write(
-            f"[simpletuner-longcat-video] plugin registration failed, the host continues without it: "
-            f"{type(exc).__name__}: {exc}\n"
+            f"[simpletuner-longcat-video] plugin hook for {module.__name__} failed, the host continues "
+            f"without it: {type(exc).__name__}: {exc}\n"
         )
 
 
 def install() -> None:
     if os.environ.get("SIMPLETUNER_PLUGINS_DISABLE", "").lower() in ("1", "true", "yes"):
         return
-    if any(isinstance(finder, RegistryWatcher) for finder in sys.meta_path):
+    if any(isinstance(finder, HostModuleWatcher) for finder in sys.meta_path):
         return
-    registry = sys.modules.get(REGISTRY_MODULE)
-    if registry is not None:
-        on_registry_loaded(registry)
-        return
-    sys.meta_path.insert(0, RegistryWatcher())
+    for name in HOOKS:
+        module = sys.modules.get(name)
+        if module is not None and name not in _fired:
+            on_module_loaded(module)
+    if not _fired >= HOOKS.keys():
+        sys.meta_path.insert(0, HostModuleWatcher())
 
 
 def uninstall() -> None:
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, RegistryWatcher)]
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, HostModuleWatcher)]
 
 
 install()

@@ -16,6 +16,7 @@ from simpletuner.helpers.models.common import ModelTypes, PredictionTypes, Video
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.attention import AttentionOptions
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.text import encode_prompts
 from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
@@ -71,10 +72,21 @@ class LongCatVideo(VideoModelFoundation):
                 fix='set "model_flavour": "final" (the same weights serve T2V and I2V)',
             )
         super().setup_model_flavour()
-
-    def check_user_config(self) -> None:
-        super().check_user_config()
+        # The host's __init__ loads the scheduler right after this hook, so the config rules are
+        # checked here, before anything is read from the checkpoint.
         check_checkpoint_layout(self.config.pretrained_model_name_or_path)
+        attention_options_from_config(self.config)
+
+    def post_model_load_setup(self) -> None:
+        super().post_model_load_setup()
+        options = self.model.set_attention_options(attention_options_from_config(self.config))
+        logger.info(
+            "LongCat-Video attention: %s (block-sparse sparsity %s, chunk %s, cdf_threshold %s)",
+            options.backend,
+            options.sparsity,
+            options.chunk,
+            options.cdf_threshold,
+        )
 
     # Text: umT5 states plus their valid-length mask, cached by the host as a dict.
     def _encode_prompts(self, prompts: list, is_negative_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +125,69 @@ class LongCatVideo(VideoModelFoundation):
             return_dict=False,
         )[0]
         return {"model_prediction": -output}
+
+
+def attention_options_from_config(config: object) -> AttentionOptions:
+    """The DiT's attention options from the config keys the plugin adds (spec.CONFIG_OPTIONS)."""
+    defaults = {option.name: option.default for option in spec.CONFIG_OPTIONS}
+
+    def value(name: str) -> object:
+        found = getattr(config, name, None)
+        return defaults[name] if found is None else found
+
+    backend = str(value("attention_implementation"))
+    if backend not in spec.ATTENTION_IMPLEMENTATIONS:
+        raise LongCatVideoError(
+            where="attention_implementation",
+            value=backend,
+            rule=f"must be one of {list(spec.ATTENTION_IMPLEMENTATIONS)}",
+            fix='use "auto" unless you need to force a backend',
+        )
+    if backend == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise LongCatVideoError(
+                where="attention_implementation",
+                value=backend,
+                rule="xFormers is not installed in this environment",
+                fix='pip install xformers (matching your torch build), or use "auto"',
+            )
+    raw_chunk = value("longcat_bsa_chunk")
+    try:
+        chunk = tuple(int(part) for part in str(raw_chunk).replace("x", ",").split(","))
+    except ValueError:
+        chunk = ()
+    volume = chunk[0] * chunk[1] * chunk[2] if len(chunk) == 3 else 0
+    if len(chunk) != 3 or min(chunk) < 1 or volume < 16 or volume > 256 or volume & (volume - 1):
+        raise LongCatVideoError(
+            where="longcat_bsa_chunk",
+            value=raw_chunk,
+            rule="must be three positive integers T,H,W whose product is a power of two from 16 to 256",
+            fix='use the default "4,4,8" (128 tokens per block)',
+        )
+    sparsity = float(value("longcat_bsa_sparsity"))
+    if not 0.0 <= sparsity < 1.0:
+        raise LongCatVideoError(
+            where="longcat_bsa_sparsity",
+            value=sparsity,
+            rule="must lie in [0, 1): the fraction of key blocks each query block drops",
+            fix="use the default 0.875 (0.75 keeps twice as many blocks)",
+        )
+    threshold = getattr(config, "longcat_bsa_cdf_threshold", None)
+    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+        raise LongCatVideoError(
+            where="longcat_bsa_cdf_threshold",
+            value=threshold,
+            rule="must lie in (0, 1] or be unset",
+            fix="leave it unset, or use e.g. 0.9",
+        )
+    return AttentionOptions(
+        backend=backend,
+        sparsity=sparsity,
+        chunk=chunk,
+        cdf_threshold=None if threshold is None else float(threshold),
+    )
 
 
 def _batched(tensor: torch.Tensor) -> torch.Tensor:

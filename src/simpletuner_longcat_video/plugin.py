@@ -274,3 +274,36 @@ def register_entry_points(registry_module: Any) -> RegistrationState:
 def attention_backend_entry_points() -> list[metadata.EntryPoint]:
     """Entry points of the ``simpletuner.attention_backends`` group (loaded by the attention seam)."""
     return list(metadata.entry_points(group=ATTENTION_GROUP))
+
+
+def add_plugin_arguments(parser: Any) -> None:
+    """Add the plugin's config keys (spec.CONFIG_OPTIONS) to an argparse parser, once."""
+    from simpletuner_longcat_video.spec import CONFIG_OPTIONS
+
+    for option in CONFIG_OPTIONS:
+        flag = f"--{option.name}"
+        if flag in parser._option_string_actions:
+            continue
+        parser.add_argument(
+            flag, type=option.type, default=option.default, choices=option.choices, help=f"[plugin] {option.help}"
+        )
+
+
+def extend_host_arguments(cmd_args: Any) -> None:
+    """Make the host's cached argument parser carry the plugin's config keys.
+
+    The host turns every config.json key into ``--key=value`` and refuses unknown ones, so keys
+    like ``attention_implementation`` must exist in its parser. The host builds the parser in
+    ``get_argument_parser()``; the wrapped function adds ours to what it returns.
+    """
+    original = cmd_args.get_argument_parser
+    if getattr(original, "_plugin_wrapped", False):
+        return
+
+    def get_argument_parser() -> Any:
+        parser = original()
+        add_plugin_arguments(parser)
+        return parser
+
+    get_argument_parser._plugin_wrapped = True  # type: ignore[attr-defined]
+    cmd_args.get_argument_parser = get_argument_parser

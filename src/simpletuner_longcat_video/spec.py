@@ -84,3 +84,46 @@ def host_requirement() -> str | None:
         if name.lower().startswith("simpletuner") and not name.lower().startswith("simpletuner-"):
             return name
     return None
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """A config key the plugin adds to the host's parser (the host refuses keys it does not know)."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "xformers", "block_sparse")
+CONFIG_OPTIONS = (
+    ConfigOption(
+        "attention_implementation",
+        str,
+        "auto",
+        "LongCat-Video self-attention: auto (block-sparse Triton kernel on CUDA when it compiles and the clip has "
+        "more than one latent frame, else SDPA), sdpa, xformers (forces xFormers) or block_sparse",
+        ATTENTION_IMPLEMENTATIONS,
+    ),
+    ConfigOption(
+        "longcat_bsa_sparsity",
+        float,
+        0.875,
+        "LongCat-Video block-sparse attention: fraction of key blocks dropped per query block, in [0, 1)",
+    ),
+    ConfigOption(
+        "longcat_bsa_chunk",
+        str,
+        "4,4,8",
+        "LongCat-Video block-sparse attention: token chunk T,H,W (volume a power of two from 16 to 256)",
+    ),
+    ConfigOption(
+        "longcat_bsa_cdf_threshold",
+        float,
+        None,
+        "LongCat-Video block-sparse attention: also keep the smallest set of key blocks whose softmax mass "
+        "reaches this value, in (0, 1]; unset = top-k by sparsity only",
+    ),
+)
