@@ -195,7 +195,7 @@ def test_unknown_and_unavailable_backends_are_clear_errors():
         register_backend("sdpa", attention.sdpa_backend)
 
 
-@pytest.mark.skipif(attention._xformers_available(), reason="xformers is installed")
+@pytest.mark.skipif(attention.xformers_available(), reason="xformers is installed")
 def test_xformers_without_the_package_says_how_to_fix():
     q, k, v = qkv()
     with pytest.raises(RuntimeError, match="pip install xformers"):

@@ -418,7 +418,7 @@ def sdpa_backend(
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def _xformers_available() -> bool:
+def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
@@ -444,7 +444,7 @@ def xformers_backend(
 
 
 register_backend(FALLBACK_BACKEND, sdpa_backend)
-register_backend("xformers", xformers_backend, _xformers_available)
+register_backend("xformers", xformers_backend, xformers_available)
 
 __all__ = [
     "BACKEND_CHOICES",

@@ -16,7 +16,7 @@ from simpletuner.helpers.models.common import ModelTypes, PredictionTypes, Video
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import spec
-from simpletuner_longcat_video.attention import AttentionOptions
+from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.text import encode_prompts
 from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
@@ -144,9 +144,7 @@ def attention_options_from_config(config: object) -> AttentionOptions:
             fix='use "auto" unless you need to force a backend',
         )
     if backend == "xformers":
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None:
+        if not xformers_available():
             raise LongCatVideoError(
                 where="attention_implementation",
                 value=backend,
