@@ -12,14 +12,16 @@ import os
 
 import torch
 from diffusers import AutoencoderKLWan
-from simpletuner.helpers.models.common import ModelTypes, PredictionTypes, VideoModelFoundation
+from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from simpletuner_longcat_video import spec
+from simpletuner_longcat_video import data, spec
 from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
 from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.pipeline import LongCatVideoPipeline, normalize_latents
 from simpletuner_longcat_video.text import encode_prompts
-from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+from simpletuner_longcat_video.training import apply_i2v_condition, drop_condition_frames
+from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 
 logger = logging.getLogger("simpletuner_longcat_video.family")
 
@@ -35,8 +37,16 @@ class LongCatVideo(VideoModelFoundation):
     DEFAULT_NOISE_SCHEDULER = "flow_matching"
     MODEL_CLASS = LongCatVideoTransformer3DModel
     MODEL_SUBFOLDER = spec.DIT_SUBFOLDER
-    # Sampling pipelines arrive with the I2V family work; none is claimed before it exists.
-    PIPELINE_CLASSES: dict = {}
+    # One pipeline serves both: with a start image it is image-to-video, without one text-to-video.
+    PIPELINE_CLASSES = {
+        PipelineTypes.TEXT2IMG: LongCatVideoPipeline,
+        PipelineTypes.IMG2VIDEO: LongCatVideoPipeline,
+    }
+    DEFAULT_PIPELINE_TYPE = PipelineTypes.TEXT2IMG
+    DEFAULT_LORA_TARGET = list(LORA_TARGET_MODULES)
+    DEFAULT_LYCORIS_TARGET = ["LongCatVideoTransformerBlock"]
+    # CFG needs a negative branch; an empty prompt is encoded when the user gives none.
+    VALIDATION_USES_NEGATIVE_PROMPT = True
     DEFAULT_MODEL_FLAVOUR = spec.DEFAULT_FLAVOUR
     HUGGINGFACE_PATHS = dict(spec.FLAVOURS)
     MODEL_LICENSE = "mit"
@@ -76,6 +86,62 @@ class LongCatVideo(VideoModelFoundation):
         # checked here, before anything is read from the checkpoint.
         check_checkpoint_layout(self.config.pretrained_model_name_or_path)
         attention_options_from_config(self.config)
+
+    def check_user_config(self) -> None:
+        super().check_user_config()
+        data.check_training_config(self.config)
+
+    # Image-to-video: start frames come from a paired conditioning dataset, VAE-encoded by the
+    # host into their own cache and handed to the batch as conditioning latents.
+    def _is_i2v_like_flavour(self) -> bool:
+        return True
+
+    def requires_conditioning_latents(self) -> bool:
+        return True
+
+    def supports_conditioning_dataset(self) -> bool:
+        return True
+
+    def requires_conditioning_dataset(self) -> bool:
+        return False  # text-to-video datasets (no start frames) still train
+
+    def requires_validation_i2v_samples(self) -> bool:
+        return bool(getattr(self.config, "validation_using_datasets", False))
+
+    def configure_data_signals(self, **signals: bool) -> None:
+        # Called by the host's data factory once every dataset is configured and connected:
+        # the last moment before training, and the first at which both file lists are known.
+        super().configure_data_signals(**signals)
+        data.check_datasets(self.config)
+
+    def scale_vae_latents_for_cache(self, latents, vae):
+        if torch.is_tensor(latents) and latents.dim() == 5:
+            return normalize_latents(latents.float(), vae).to(latents.dtype)
+        return latents
+
+    def prepare_batch_conditions(self, batch: dict, state: dict) -> dict:
+        batch = super().prepare_batch_conditions(batch=batch, state=state)
+        mask = batch.get("encoder_attention_mask")
+        if mask is None:
+            mask = batch.get("attention_masks")
+        if mask is None:
+            mask = (batch.get("text_encoder_output") or {}).get("attention_masks")
+        if mask is not None:
+            batch["encoder_attention_mask"] = mask.to(self.accelerator.device)
+        return apply_i2v_condition(batch)
+
+    def get_prediction_target(self, prepared_batch: dict):
+        return drop_condition_frames(super().get_prediction_target(prepared_batch), prepared_batch)
+
+    def update_pipeline_call_kwargs(self, pipeline_kwargs: dict) -> dict:
+        pipeline_kwargs = super().update_pipeline_call_kwargs(pipeline_kwargs)
+        pipeline_kwargs["num_frames"] = data.validation_num_frames(self.config)
+        pipeline_kwargs["output_type"] = "pil"
+        pipeline_kwargs["show_progress"] = False
+        image = pipeline_kwargs.get("image")
+        if isinstance(image, list):
+            pipeline_kwargs["image"] = image[0] if image else None
+        return pipeline_kwargs
 
     def post_model_load_setup(self) -> None:
         super().post_model_load_setup()
@@ -118,13 +184,14 @@ class LongCatVideo(VideoModelFoundation):
         num_cond_latents = int(prepared_batch.get("num_cond_latents", 0) or 0)
         output = self.model(
             hidden_states=latents,
-            timestep=prepared_batch["timesteps"],
+            timestep=prepared_batch.get("frame_timesteps", prepared_batch["timesteps"]),
             encoder_hidden_states=prepared_batch["encoder_hidden_states"].to(self.config.weight_dtype),
             encoder_attention_mask=prepared_batch.get("encoder_attention_mask"),
             num_cond_latents=num_cond_latents,
             return_dict=False,
         )[0]
-        return {"model_prediction": -output}
+        # The condition frame is input, not output: no prediction (and no loss) for it.
+        return {"model_prediction": drop_condition_frames(-output, prepared_batch)}
 
 
 def attention_options_from_config(config: object) -> AttentionOptions:

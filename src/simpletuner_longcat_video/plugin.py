@@ -307,3 +307,28 @@ def extend_host_arguments(cmd_args: Any) -> None:
 
     get_argument_parser._plugin_wrapped = True  # type: ignore[attr-defined]
     cmd_args.get_argument_parser = get_argument_parser
+
+
+def skip_pinning_without_accelerator(collate: Any) -> None:
+    """Let the host's collation run on a machine without a GPU.
+
+    SimpleTuner 4.10.1's ``collate.fetch_latent`` calls ``Tensor.pin_memory()`` on every cached
+    latent unless MPS is present; with no accelerator torch raises "Found no NVIDIA driver", so
+    CPU-only training (our CI and ``make demo``) cannot fetch a single batch. Pinned memory only
+    speeds up host-to-device copies, so without a device the same lookup without pinning is
+    exactly equivalent. With an accelerator the host's function is left untouched.
+    """
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return
+    from simpletuner.helpers.training.state_tracker import StateTracker
+
+    def fetch_latent(fp: str, data_backend_id: str) -> Any:
+        return StateTracker.get_vaecache(id=data_backend_id).retrieve_from_cache(fp)
+
+    collate.fetch_latent = fetch_latent
+    logger.info("no accelerator: SimpleTuner's latent fetch runs without pinning memory (a no-op on CPU)")

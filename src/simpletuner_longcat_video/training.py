@@ -1,0 +1,73 @@
+"""Image-to-video training batches: the start frame is input, kept clean, at timestep 0, and never scored.
+
+The host prepares a flow-matching batch for the whole clip (``latents``, ``noise``,
+``noisy_latents``, one ``timesteps`` value per sample) and, for a dataset paired with start
+frames, the start frames' cached latents as ``conditioning_latents``. These functions turn that
+into the official I2V training sample: the first latent frame is replaced by the start frame's
+latent in both the clean and the noisy latents, the DiT sees per-frame timesteps with 0 for that
+frame, and the prediction and the target both drop it, so it contributes nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.errors import LongCatVideoError
+
+
+def _condition_tensor(batch: dict) -> torch.Tensor | None:
+    cond = batch.get("conditioning_latents")
+    if cond is None:
+        return None
+    if isinstance(cond, (list, tuple)):
+        if not cond:
+            return None
+        cond = torch.stack([c if c.dim() == 4 else c.unsqueeze(1) for c in cond]) if cond[0].dim() < 5 else cond[0]
+    if cond.dim() == 4:  # [B, C, h, w]: an image latent without its frame axis
+        cond = cond.unsqueeze(2)
+    return cond
+
+
+def apply_i2v_condition(batch: dict) -> dict:
+    """Put the start frame into the batch (see module doc); a batch without one is text-to-video."""
+    latents = batch["latents"]
+    cond = _condition_tensor(batch)
+    batch["num_cond_latents"] = 0
+    if cond is None:
+        return batch
+    count = spec.NUM_COND_LATENTS_I2V
+    b, c, t, h, w = latents.shape
+    if cond.shape[0] != b or cond.shape[1] != c or tuple(cond.shape[-2:]) != (h, w) or cond.shape[2] < count:
+        files = batch.get("filepaths") or batch.get("image_paths") or "this batch"
+        raise LongCatVideoError(
+            where=f"start-frame latents for {files}",
+            value=tuple(cond.shape),
+            rule=f"must match the clip latents {tuple(latents.shape)} in batch, channels, height and width",
+            fix="give each start frame the size and aspect ratio of its clip (same bucket), then delete the "
+            "start-frame VAE cache so it is rebuilt",
+        )
+    if t <= count:
+        raise LongCatVideoError(
+            where="clip frames",
+            value=t,
+            rule="an image-to-video clip needs latent frames after the start frame (at least 5 video frames)",
+            fix="use clips of 5 or more frames, e.g. num_frames 93",
+        )
+    cond = cond[:, :, :count].to(device=latents.device, dtype=latents.dtype)
+    latents = latents.clone()
+    latents[:, :, :count] = cond
+    noisy = batch["noisy_latents"].clone()
+    noisy[:, :, :count] = cond.to(noisy.dtype)
+    per_frame = batch["timesteps"].reshape(b, -1)[:, :1].expand(b, t).clone()
+    per_frame[:, :count] = 0
+    batch.update(latents=latents, noisy_latents=noisy, frame_timesteps=per_frame, num_cond_latents=count)
+    return batch
+
+
+def drop_condition_frames(tensor: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The frames that are scored: all but the leading condition frames of an I2V batch."""
+    count = int(batch.get("num_cond_latents", 0) or 0)
+    if count and torch.is_tensor(tensor) and tensor.dim() == 5:
+        return tensor[:, :, count:]
+    return tensor
