@@ -93,7 +93,30 @@ def _round_to(value: int, multiple: int) -> int:
 
 
 class LongCatVideoLoraLoaderMixin(CogVideoXLoraLoaderMixin):
-    """diffusers' transformer-only LoRA loader (save, load, fuse); nothing in it is CogVideoX-specific."""
+    """diffusers' transformer-only LoRA loader (save, load, fuse); nothing in it is CogVideoX-specific.
+
+    The host names the layers after the checkpoint subfolder of the trained model (``dit/``), so
+    its checkpoint saves pass ``dit_lora_layers``; they are the transformer's layers.
+    """
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str,
+        transformer_lora_layers: dict | None = None,
+        *args: Any,
+        dit_lora_layers: dict | None = None,
+        transformer_lora_adapter_metadata: dict | None = None,
+        dit_lora_adapter_metadata: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().save_lora_weights(
+            save_directory,
+            transformer_lora_layers if transformer_lora_layers is not None else dit_lora_layers,
+            *args,
+            transformer_lora_adapter_metadata=transformer_lora_adapter_metadata or dit_lora_adapter_metadata,
+            **kwargs,
+        )
 
 
 class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):

@@ -154,24 +154,28 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
 
 
 def build_tiny_dataset(
-    root: str | Path, *, clips: int = 4, frames: int = 9, height: int = 64, width: int = 64
+    root: str | Path, *, clips: int = 4, val_clips: int = 1, frames: int = 9, height: int = 64, width: int = 64
 ) -> dict[str, Path]:
-    """Write paired I2V data: ``clips/<name>.mp4`` + ``.txt`` caption, ``start_frames/<name>.png``.
+    """Write a paired I2V dataset with a training and a validation split.
 
-    Returns the two folders. The start frame of each clip is its own first frame, as a user
-    extracting start frames would have it.
+    Each split has ``clips/<name>.mp4`` + ``<name>.txt`` (caption) and ``start_frames/<name>.png``;
+    the start frame of each clip is its own first frame, as a user extracting start frames would
+    have it. Returns the four folders by role.
     """
     from PIL import Image
 
     root = Path(root)
-    clip_dir, frame_dir = root / "clips", root / "start_frames"
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    frame_dir.mkdir(parents=True, exist_ok=True)
-    for index in range(clips):
-        name = f"clip_{index:03d}"
-        video = synthetic_clip(index, frames=frames, height=height, width=width)
-        write_video(clip_dir / f"{name}.mp4", video)
-        words = _WORDS[index % 3], _WORDS[3 + index % 2], _WORDS[6 + index % 4]
-        (clip_dir / f"{name}.txt").write_text(f"a {words[0]} {words[1]} {words[2]} over the dark background")
-        Image.fromarray(video[0]).save(frame_dir / f"{name}.png")
-    return {"clips": clip_dir, "start_frames": frame_dir}
+    folders = {}
+    for split, count, offset in (("train", clips, 0), ("val", val_clips, 100)):
+        clip_dir, frame_dir = root / split / "clips", root / split / "start_frames"
+        clip_dir.mkdir(parents=True, exist_ok=True)
+        frame_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(offset, offset + count):
+            name = f"clip_{index:03d}"
+            video = synthetic_clip(index, frames=frames, height=height, width=width)
+            write_video(clip_dir / f"{name}.mp4", video)
+            words = _WORDS[index % 3], _WORDS[3 + index % 2], _WORDS[6 + index % 4]
+            (clip_dir / f"{name}.txt").write_text(f"a {words[0]} {words[1]} {words[2]} over the dark background")
+            Image.fromarray(video[0]).save(frame_dir / f"{name}.png")
+        folders[f"{split}_clips"], folders[f"{split}_start_frames"] = clip_dir, frame_dir
+    return folders
