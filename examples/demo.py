@@ -86,7 +86,9 @@ def train(workdir: Path, log_path: Path) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", HOME=str(workdir))
     env["PATH"] = f"{simpletuner.parent}{os.pathsep}{env.get('PATH', '')}"
     with log_path.open("w") as log:
-        return subprocess.run([str(simpletuner), "train"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(
+            [str(simpletuner), "train"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
 
 
 def summarise(workdir: Path, log_text: str) -> dict:
@@ -101,7 +103,9 @@ def summarise(workdir: Path, log_text: str) -> dict:
         with av.open(str(video)) as container:
             frames[video.name] = sum(1 for _ in container.decode(video=0))
     # The progress bar repeats each step's line; keep the last loss reported for every step.
-    per_step = {int(step): float(loss) for step, loss in re.findall(r"\| (\d+)/\d+ \[[^\]]*step_loss=([0-9.eE+-]+)", log_text)}
+    per_step = {
+        int(step): float(loss) for step, loss in re.findall(r"\| (\d+)/\d+ \[[^\]]*step_loss=([0-9.eE+-]+)", log_text)
+    }
     losses = [per_step[step] for step in sorted(per_step)]
     return {"lora": lora if lora.is_file() else None, "videos": frames, "losses": losses}
 

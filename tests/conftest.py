@@ -56,3 +56,18 @@ def run_python(code: str, *, timeout: float = 300, **env: str) -> subprocess.Com
 @pytest.fixture
 def python_subprocess():
     return run_python
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny LongCat-Video checkpoint in the official folder layout (built once per session)."""
+    from simpletuner_longcat_video.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-longcat") / "LongCat-Video-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_checkpoint: Path):
+    from simpletuner_longcat_video.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_checkpoint))

@@ -81,6 +81,7 @@ class LongCatVideo(VideoModelFoundation):
                 rule=f"LongCat-Video ({spec.FAMILY}) has the flavours {sorted(spec.FLAVOURS)}",
                 fix='set "model_flavour": "final" (the same weights serve T2V and I2V)',
             )
+        apply_flow_shift_default(self.config)
         super().setup_model_flavour()
         # The host's __init__ loads the scheduler right after this hook, so the config rules are
         # checked here, before anything is read from the checkpoint.
@@ -192,6 +193,19 @@ class LongCatVideo(VideoModelFoundation):
         )[0]
         # The condition frame is input, not output: no prediction (and no loss) for it.
         return {"model_prediction": drop_condition_frames(-output, prepared_batch)}
+
+
+def apply_flow_shift_default(config: object) -> None:
+    """Flow matching with shift 12.0 unless the user set ``flow_schedule_shift`` themselves."""
+    from simpletuner_longcat_video.plugin import HostDefault
+
+    shift = getattr(config, "flow_schedule_shift", None)
+    if shift is None or type(shift) is HostDefault:
+        config.flow_schedule_shift = spec.FLOW_SHIFT
+        logger.info(
+            "flow_schedule_shift not set: using LongCat-Video's %.1f (set it in the config to override)",
+            spec.FLOW_SHIFT,
+        )
 
 
 def attention_options_from_config(config: object) -> AttentionOptions:

@@ -276,9 +276,24 @@ def attention_backend_entry_points() -> list[metadata.EntryPoint]:
     return list(metadata.entry_points(group=ATTENTION_GROUP))
 
 
+class HostDefault(float):
+    """A host default value the user did not set; a family may replace it with its own default.
+
+    Behaves exactly like the float it wraps, so every other family sees the host's value unchanged.
+    """
+
+
 def add_plugin_arguments(parser: Any) -> None:
-    """Add the plugin's config keys (spec.CONFIG_OPTIONS) to an argparse parser, once."""
+    """Add the plugin's config keys (spec.CONFIG_OPTIONS) to an argparse parser, once.
+
+    Also marks the host's ``flow_schedule_shift`` default (3.0) as a :class:`HostDefault`, so the
+    LongCat-Video family can tell "not set" (use its own 12.0) from "set to 3.0 by the user".
+    """
     from simpletuner_longcat_video.spec import CONFIG_OPTIONS
+
+    shift = parser.get_default("flow_schedule_shift")
+    if isinstance(shift, (int, float)) and not isinstance(shift, (bool, HostDefault)):
+        parser.set_defaults(flow_schedule_shift=HostDefault(shift))
 
     for option in CONFIG_OPTIONS:
         flag = f"--{option.name}"

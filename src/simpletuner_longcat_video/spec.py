@@ -17,7 +17,7 @@ FLAVOURS: dict[str, str] = {"final": "meituan-longcat/LongCat-Video"}
 DEFAULT_FLAVOUR = "final"
 FAMILY_CLASS = "simpletuner_longcat_video.family:LongCatVideo"
 ATTENTION_BACKENDS: dict[str, str] = {"block_sparse": "simpletuner_longcat_video.attention_bsa:BACKEND"}
-PIPELINES: tuple[str, ...] = ()  # host PipelineTypes values; IMG2VIDEO arrives with the I2V family
+PIPELINES: tuple[str, ...] = ("img2video", "text2img")  # host PipelineTypes values served by one pipeline
 
 # Official checkpoint layout (HF repo meituan-longcat/LongCat-Video).
 DIT_SUBFOLDER = "dit"

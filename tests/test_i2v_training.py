@@ -1,0 +1,102 @@
+"""End to end with the real host: `simpletuner train` on the tiny checkpoint and the tiny paired dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("longcat_demo", REPO / "examples" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _demo()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("i2v-train")
+    demo.prepare(workdir)
+    code = demo.train(workdir, workdir / "train.log")
+    log = (workdir / "train.log").read_text(errors="replace")
+    return workdir, code, log, demo.summarise(workdir, log)
+
+
+def test_training_run_completes_with_finite_losses(trained):
+    workdir, code, log, result = trained
+    assert code == 0, log[-3000:]
+    assert len(result["losses"]) == demo.CONFIG_OVERRIDES["max_train_steps"]
+    assert all(math.isfinite(loss) and loss > 0 for loss in result["losses"])
+    assert "I2V pairing: 4 clips in 'longcat-video-train'" in log
+    assert "flow_schedule_shift not set: using LongCat-Video's 12.0" in log
+    assert json.loads((workdir / "output" / "simpletuner_config.json").read_text())["flow_schedule_shift"] == 12.0
+
+
+def test_validation_video_is_image_to_video_with_the_configured_frames(trained):
+    workdir, code, log, result = trained
+    assert code == 0
+    final = [name for name in result["videos"] if name.startswith(f"step_{demo.CONFIG_OVERRIDES['max_train_steps']}_")]
+    assert final and all("longcat-video-val" in name for name in final), result["videos"]
+    assert all(result["videos"][name] == demo.TINY_FRAMES for name in final)
+
+
+def test_lora_weights_reload_and_change_the_pipeline_output(trained):
+    from safetensors.torch import load_file
+
+    from simpletuner_longcat_video.pipeline import load_pipeline
+
+    workdir, code, _, result = trained
+    assert code == 0 and result["lora"] is not None
+    weights = load_file(str(result["lora"]))
+    assert weights and all(key.startswith("transformer.") for key in weights)
+    assert any(tensor.abs().sum() > 0 for key, tensor in weights.items() if "lora_B" in key)
+
+    pipe = load_pipeline(str(workdir / "LongCat-Video-tiny"))
+    kwargs = dict(
+        prompt="a red square moves", height=64, width=64, num_frames=9, num_inference_steps=2, output_type="latent"
+    )
+    base = pipe(generator=torch.Generator().manual_seed(0), show_progress=False, **kwargs).frames
+    pipe.load_lora_weights(str(result["lora"]))
+    tuned = pipe(generator=torch.Generator().manual_seed(0), show_progress=False, **kwargs).frames
+    assert (tuned - base).abs().max() > 1e-4
+
+
+def _failing_run(tmp_path: Path, mutate) -> tuple[int, str]:
+    demo.prepare(tmp_path)
+    mutate(tmp_path)
+    code = demo.train(tmp_path, tmp_path / "train.log")
+    return code, (tmp_path / "train.log").read_text(errors="replace")
+
+
+def test_missing_start_frame_stops_the_run_before_any_step(tmp_path):
+    def drop_one(workdir: Path) -> None:
+        (workdir / "datasets/longcat-video/train/start_frames/clip_002.png").unlink()
+
+    code, log = _failing_run(tmp_path, drop_one)
+    assert code != 0
+    assert "have no start frame in" in log and "clip_002" in log
+    assert "step_loss" not in log
+
+
+def test_bad_dataset_frame_count_is_named_by_the_host_run(tmp_path):
+    def bad_frames(workdir: Path) -> None:
+        path = workdir / "config" / "multidatabackend.json"
+        datasets = json.loads(path.read_text())
+        datasets[0]["video"]["num_frames"] = 8
+        path.write_text(json.dumps(datasets))
+
+    code, log = _failing_run(tmp_path, bad_frames)
+    assert code != 0
+    assert "dataset 'longcat-video-train' video.num_frames = 8" in log and "use 5 or 9" in log
+    assert "step_loss" not in log

@@ -1,0 +1,98 @@
+"""The IMG2VIDEO / T2V pipeline on a tiny random checkpoint loaded from the official layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.pipeline import cfg_zero, check_video_size
+from simpletuner_longcat_video.tiny import synthetic_clip
+
+SIZE = dict(height=64, width=64, num_frames=9)
+
+
+def start_image(index: int = 0) -> Image.Image:
+    return Image.fromarray(synthetic_clip(index, frames=1, height=64, width=64)[0])
+
+
+def run(pipe, seed: int = 0, **kwargs):
+    steps = []
+
+    def record(_pipe, index, t, tensors):
+        steps.append(tensors["latents"].clone())
+        return tensors
+
+    kwargs = {"prompt": "a red square moves", "num_inference_steps": 3, "guidance_scale": 4.0, **SIZE, **kwargs}
+    out = pipe(
+        generator=torch.Generator().manual_seed(seed), callback_on_step_end=record, show_progress=False, **kwargs
+    )
+    return out.frames, steps
+
+
+def test_i2v_first_latent_is_the_encoded_start_image_at_every_step(tiny_pipeline):
+    image = start_image()
+    frames, steps = run(tiny_pipeline, image=image, output_type="latent")
+    encoded = tiny_pipeline.encode_image([image], 64, 64)
+    assert len(steps) == 3
+    for latents in steps:
+        assert torch.equal(latents[:, :, :1], encoded)  # exactly, at every step
+    initial = torch.randn(frames.shape, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(steps[-1][:, :, 1:], initial[:, :, 1:])  # later frames were denoised
+    assert (steps[0][:, :, 1:] - steps[-1][:, :, 1:]).abs().max() > 1e-3
+
+
+def test_i2v_start_image_decides_the_output(tiny_pipeline):
+    a, _ = run(tiny_pipeline, image=start_image(0), output_type="np")
+    b, _ = run(tiny_pipeline, image=start_image(1), output_type="np")
+    assert a.shape == (1, 9, 64, 64, 3) and a.dtype == np.float32
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    assert np.abs(a - b).mean() > 1e-3
+
+
+def test_text_to_video_without_image(tiny_pipeline):
+    frames, steps = run(tiny_pipeline, output_type="pil")
+    assert len(frames) == 1 and len(frames[0]) == 9 and frames[0][0].size == (64, 64)
+    assert not torch.equal(steps[0][:, :, :1], steps[-1][:, :, :1])  # no frame is held fixed
+
+
+def test_cfg_without_negative_prompt_uses_the_empty_prompt(tiny_pipeline):
+    auto, _ = run(tiny_pipeline, image=start_image(), output_type="latent")
+    empty, _ = run(tiny_pipeline, image=start_image(), output_type="latent", negative_prompt="")
+    other, _ = run(tiny_pipeline, image=start_image(), output_type="latent", negative_prompt="blue circle")
+    assert torch.equal(auto, empty)
+    assert not torch.allclose(auto, other)
+
+
+def test_guidance_one_skips_the_negative_branch(tiny_pipeline):
+    a, _ = run(tiny_pipeline, output_type="latent", guidance_scale=1.0, negative_prompt="blue circle")
+    b, _ = run(tiny_pipeline, output_type="latent", guidance_scale=1.0)
+    assert torch.equal(a, b)
+
+
+def test_cfg_zero_scale_is_per_sample():
+    gen = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(2, 4, 3, 2, 2, generator=gen), torch.randn(2, 4, 3, 2, 2, generator=gen)
+    out = cfg_zero(cond, uncond, 4.0)
+    for i in range(2):
+        c, u = cond[i].flatten().double(), uncond[i].flatten().double()
+        s = (c @ u) / (u @ u + 1e-8)
+        expected = u * s + 4.0 * (c - u * s)
+        assert torch.allclose(out[i].flatten().double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "frames", "message"),
+    [
+        (60, 64, 9, "divisible by 16"),
+        (64, 72, 9, "divisible by 16"),
+        (64, 64, 8, r"\(frames - 1\) % 4 == 0.*use 5 or 9"),
+    ],
+)
+def test_bad_geometry_is_refused_before_any_work(tiny_pipeline, height, width, frames, message):
+    with pytest.raises(LongCatVideoError, match=message):
+        tiny_pipeline(prompt="x", height=height, width=width, num_frames=frames, num_inference_steps=1)
+    with pytest.raises(LongCatVideoError, match=message):
+        check_video_size(height, width, frames)
