@@ -49,6 +49,8 @@ def test_validation_video_is_image_to_video_with_the_configured_frames(trained):
     final = [name for name in result["videos"] if name.startswith(f"step_{demo.CONFIG_OVERRIDES['max_train_steps']}_")]
     assert final and all("longcat-video-val" in name for name in final), result["videos"]
     assert all(result["videos"][name] == demo.TINY_FRAMES for name in final)
+    sampling = [line for line in log.splitlines() if "LongCat-Video sampling:" in line]
+    assert sampling and all("image-to-video (start image in latent frame 0), 64x64, 9 frames" in s for s in sampling)
 
 
 def test_lora_weights_reload_and_change_the_pipeline_output(trained):

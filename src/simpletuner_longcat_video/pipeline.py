@@ -243,6 +243,16 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
             num_cond = spec.NUM_COND_LATENTS_I2V
             latents[:, :, :num_cond] = cond
 
+        logger.info(
+            "LongCat-Video sampling: %s, %dx%d, %d frames, %d steps, guidance %.2f%s",
+            "image-to-video (start image in latent frame 0)" if num_cond else "text-to-video",
+            width,
+            height,
+            num_frames,
+            num_inference_steps,
+            guidance_scale,
+            " with CFG-zero" if do_cfg else "",
+        )
         self.scheduler.set_timesteps(sigmas=self.sampling_sigmas(num_inference_steps), device=device)
         timesteps = self.scheduler.timesteps
         iterator = tqdm(timesteps, desc="LongCat-Video", disable=not show_progress)
