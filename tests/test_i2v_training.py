@@ -74,7 +74,7 @@ def test_lora_weights_reload_and_change_the_pipeline_output(trained):
     assert (tuned - base).abs().max() > 1e-4
 
 
-def _failing_run(tmp_path: Path, mutate) -> tuple[int, str]:
+def _run_with(tmp_path: Path, mutate) -> tuple[int, str]:
     demo.prepare(tmp_path)
     mutate(tmp_path)
     code = demo.train(tmp_path, tmp_path / "train.log")
@@ -85,7 +85,7 @@ def test_missing_start_frame_stops_the_run_before_any_step(tmp_path):
     def drop_one(workdir: Path) -> None:
         (workdir / "datasets/longcat-video/train/start_frames/clip_002.png").unlink()
 
-    code, log = _failing_run(tmp_path, drop_one)
+    code, log = _run_with(tmp_path, drop_one)
     assert code != 0
     assert "have no start frame in" in log and "clip_002" in log
     assert "step_loss" not in log
@@ -98,7 +98,33 @@ def test_bad_dataset_frame_count_is_named_by_the_host_run(tmp_path):
         datasets[0]["video"]["num_frames"] = 8
         path.write_text(json.dumps(datasets))
 
-    code, log = _failing_run(tmp_path, bad_frames)
+    code, log = _run_with(tmp_path, bad_frames)
     assert code != 0
     assert "dataset 'longcat-video-train' video.num_frames = 8" in log and "use 5 or 9" in log
     assert "step_loss" not in log
+
+
+def test_text_to_video_dataset_still_trains(tmp_path):
+    def text_to_video(workdir: Path) -> None:
+        path = workdir / "config" / "multidatabackend.json"
+        datasets = [
+            d for d in json.loads(path.read_text()) if d["id"] in ("longcat-video-train", "longcat-video-text-embeds")
+        ]
+        datasets[0]["video"]["is_i2v"] = False
+        datasets[0].pop("conditioning_data")
+        path.write_text(json.dumps(datasets))
+        config_path = workdir / "config" / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("eval_dataset_id")
+        config.update(validation_using_datasets=False, validation_prompt="a red square moves", max_train_steps=2)
+        config.update(validation_steps=2, checkpoint_step_interval=2)
+        config_path.write_text(json.dumps(config))
+
+    code, log = _run_with(tmp_path, text_to_video)
+    assert code == 0, log[-3000:]
+    losses = demo.summarise(tmp_path, log)["losses"]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert "I2V pairing" not in log
+    sampling = [line for line in log.splitlines() if "LongCat-Video sampling:" in line]
+    assert sampling and all("text-to-video" in line for line in sampling)
+    assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").is_file()

@@ -98,3 +98,15 @@ def test_too_short_i2v_clip_is_refused():
     batch = host_like_batch(frames=1)
     with pytest.raises(LongCatVideoError, match="latent frames after the start frame"):
         apply_i2v_condition(batch)
+
+
+def test_cached_latents_are_normalised_with_the_vae_config(tiny_checkpoint):
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(str(tiny_checkpoint), subfolder="vae")
+    raw = torch.randn(2, 16, 3, 4, 6, generator=torch.Generator().manual_seed(1))
+    scaled = _family().scale_vae_latents_for_cache(raw, vae)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    assert torch.allclose(scaled, (raw - mean) / std, atol=1e-6)
+    assert not torch.allclose(scaled, raw)
