@@ -110,3 +110,16 @@ def test_cached_latents_are_normalised_with_the_vae_config(tiny_checkpoint):
     std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
     assert torch.allclose(scaled, (raw - mean) / std, atol=1e-6)
     assert not torch.allclose(scaled, raw)
+
+
+def test_per_sample_start_latents_are_stacked_and_mismatched_ones_named():
+    batch = host_like_batch()
+    per_sample = [c for c in batch["conditioning_latents"]]  # the host's list form: [C, 1, h, w] each
+    batch["conditioning_latents"] = per_sample
+    out = apply_i2v_condition(batch)
+    assert torch.equal(out["latents"][:, :, :1], torch.stack(per_sample))
+    bad = host_like_batch()
+    bad["conditioning_latents"] = [torch.zeros(16, 1, 4, 6), torch.zeros(16, 1, 4, 8)]
+    bad["filepaths"] = ["clips/a.mp4", "clips/b.mp4"]
+    with pytest.raises(LongCatVideoError, match=r"clips/a.mp4.*share their clips' bucket size"):
+        apply_i2v_condition(bad)

@@ -50,6 +50,19 @@ def check_frames(value: object, where: str) -> int:
     return frames
 
 
+def check_size(width: int, height: int, where: str, value: object = None) -> None:
+    """Width and height must be positive and divisible by 16 (VAE 8x, patch 2)."""
+    if width <= 0 or height <= 0 or width % spec.SIZE_MULTIPLE or height % spec.SIZE_MULTIPLE:
+        grid = spec.BUCKET_ALIGNMENT
+        suggestion = f"{max(grid, round(width / grid) * grid)}x{max(grid, round(height / grid) * grid)}"
+        raise LongCatVideoError(
+            where=where,
+            value=f"{width}x{height}" if value is None else value,
+            rule=f"{width}x{height}: width and height must be divisible by {spec.SIZE_MULTIPLE} (VAE 8x, patch 2)",
+            fix=f"use e.g. {suggestion} (WIDTHxHEIGHT on the {grid} px grid the buckets use)",
+        )
+
+
 def parse_resolutions(value: object) -> list[tuple[int, int]]:
     """The host's ``validation_resolution`` forms: ``"832x480"``, ``"512"``, ``"832x480,512"`` (width x height)."""
     sizes = []
@@ -90,13 +103,7 @@ def check_training_config(config: object) -> None:
     resolution = getattr(config, "validation_resolution", None)
     if resolution:
         for width, height in parse_resolutions(resolution):
-            if width % spec.SIZE_MULTIPLE or height % spec.SIZE_MULTIPLE or width <= 0 or height <= 0:
-                raise LongCatVideoError(
-                    where="validation_resolution",
-                    value=resolution,
-                    rule=f"{width}x{height}: width and height must be divisible by {spec.SIZE_MULTIPLE}",
-                    fix='use e.g. "832x480" (both divisible by 16)',
-                )
+            check_size(width, height, "validation_resolution", resolution)
     frames = getattr(config, "validation_num_video_frames", None)
     if frames is not None:
         check_frames(frames, "validation_num_video_frames")

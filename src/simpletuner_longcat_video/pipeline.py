@@ -25,6 +25,7 @@ from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
 from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.data import check_frames, check_size
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.text import encode_prompts
 from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
@@ -69,27 +70,9 @@ def cfg_zero(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) ->
 
 
 def check_video_size(height: int, width: int, num_frames: int, *, where: str = "pipeline call") -> None:
-    """The geometry rules: H and W divisible by 16, and (frames - 1) % 4 == 0."""
-    if height % spec.SIZE_MULTIPLE or width % spec.SIZE_MULTIPLE or height <= 0 or width <= 0:
-        raise LongCatVideoError(
-            where=f"{where}: height x width",
-            value=f"{height}x{width}",
-            rule=f"height and width must be positive and divisible by {spec.SIZE_MULTIPLE} (VAE 8x, patch 2)",
-            fix=f"use e.g. {_round_to(height, spec.BUCKET_ALIGNMENT)}x{_round_to(width, spec.BUCKET_ALIGNMENT)} "
-            "(the 64 px grid the buckets use)",
-        )
-    if not spec.FRAME_RULE.is_valid(num_frames):
-        raise LongCatVideoError(
-            where=f"{where}: num_frames",
-            value=num_frames,
-            rule="(frames - 1) % 4 == 0 (the VAE keeps the first frame and compresses the rest 4x)",
-            fix=f"use {spec.FRAME_RULE.nearest_valid_below(max(num_frames, 1))} or "
-            f"{spec.FRAME_RULE.nearest_valid_below(max(num_frames, 1)) + 4} frames",
-        )
-
-
-def _round_to(value: int, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+    """The geometry rules of ``data``: H and W divisible by 16, and (frames - 1) % 4 == 0."""
+    check_size(width, height, f"{where}: width x height")
+    check_frames(num_frames, f"{where}: num_frames")
 
 
 class LongCatVideoLoraLoaderMixin(CogVideoXLoraLoaderMixin):

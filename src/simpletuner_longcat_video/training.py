@@ -15,18 +15,36 @@ import torch
 from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.errors import LongCatVideoError
 
+SAME_BUCKET_FIX = (
+    "give each start frame the size and aspect ratio of its clip (same bucket), then delete the "
+    "start-frame VAE cache so it is rebuilt"
+)
+
 
 def _condition_tensor(batch: dict) -> torch.Tensor | None:
     cond = batch.get("conditioning_latents")
     if cond is None:
         return None
     if isinstance(cond, (list, tuple)):
+        # The host hands a list (not a stacked tensor) only when the per-sample shapes differ.
         if not cond:
             return None
-        cond = torch.stack([c if c.dim() == 4 else c.unsqueeze(1) for c in cond]) if cond[0].dim() < 5 else cond[0]
+        shapes = {tuple(c.shape) for c in cond}
+        if len(shapes) > 1:
+            raise LongCatVideoError(
+                where=f"start-frame latents for {_files(batch)}",
+                value=sorted(shapes),
+                rule="start frames in one batch must share their clips' bucket size",
+                fix=SAME_BUCKET_FIX,
+            )
+        cond = torch.stack(list(cond))
     if cond.dim() == 4:  # [B, C, h, w]: an image latent without its frame axis
         cond = cond.unsqueeze(2)
     return cond
+
+
+def _files(batch: dict) -> object:
+    return batch.get("filepaths") or batch.get("image_paths") or "this batch"
 
 
 def apply_i2v_condition(batch: dict) -> dict:
@@ -39,13 +57,11 @@ def apply_i2v_condition(batch: dict) -> dict:
     count = spec.NUM_COND_LATENTS_I2V
     b, c, t, h, w = latents.shape
     if cond.shape[0] != b or cond.shape[1] != c or tuple(cond.shape[-2:]) != (h, w) or cond.shape[2] < count:
-        files = batch.get("filepaths") or batch.get("image_paths") or "this batch"
         raise LongCatVideoError(
-            where=f"start-frame latents for {files}",
+            where=f"start-frame latents for {_files(batch)}",
             value=tuple(cond.shape),
             rule=f"must match the clip latents {tuple(latents.shape)} in batch, channels, height and width",
-            fix="give each start frame the size and aspect ratio of its clip (same bucket), then delete the "
-            "start-frame VAE cache so it is rebuilt",
+            fix=SAME_BUCKET_FIX,
         )
     if t <= count:
         raise LongCatVideoError(
