@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels (diffusers, peft, this package),
 # then run the block-sparse correctness script and the benchmarks. Output tables land in $OUT.
-# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|all]
+# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|train|all] [train rows]
 set -uo pipefail
 what=${1:-all}
 export PYTHONUNBUFFERED=1
@@ -18,6 +18,11 @@ if [[ $what == bsa || $what == all ]]; then
 fi
 if [[ $what == dit || $what == all ]]; then
     python3 "$repo/benchmarks/dit_step.py" 2>&1 | tee "$OUT/dit_step.txt" || status=1
+fi
+if [[ $what == train ]]; then
+    # The built-in comparison imports SimpleTuner, so its wheel and the few imports the GPU image
+    # lacks (boto3 & co, optimum-quanto, torchao) travel in .whl too.
+    python3 "$repo/benchmarks/train_step.py" --rows "${2:-plain,swap8}" 2>&1 | tee "$OUT/train_step.txt" || status=1
 fi
 if [[ $what == pipeline || $what == all ]]; then
     python3 "$repo/benchmarks/gpu_check_pipeline.py" 2>&1 | tee "$OUT/gpu_check_pipeline.txt" || status=1

@@ -21,7 +21,11 @@ from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.pipeline import LongCatVideoPipeline, normalize_latents
 from simpletuner_longcat_video.text import encode_prompts
 from simpletuner_longcat_video.training import apply_i2v_condition, drop_condition_frames
-from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+from simpletuner_longcat_video.transformer import (
+    LORA_TARGET_MODULES,
+    LongCatVideoTransformer3DModel,
+    check_blocks_to_swap,
+)
 
 logger = logging.getLogger("simpletuner_longcat_video.family")
 
@@ -91,6 +95,7 @@ class LongCatVideo(VideoModelFoundation):
     def check_user_config(self) -> None:
         super().check_user_config()
         data.check_training_config(self.config)
+        check_block_swap_config(self.config, self.accelerator.device)
 
     # Image-to-video: start frames come from a paired conditioning dataset, VAE-encoded by the
     # host into their own cache and handed to the batch as conditioning latents.
@@ -146,7 +151,18 @@ class LongCatVideo(VideoModelFoundation):
 
     def post_model_load_setup(self) -> None:
         super().post_model_load_setup()
-        options = self.model.set_attention_options(attention_options_from_config(self.config))
+        model = self.unwrap_model(model=self.model)
+        blocks = int(getattr(self.config, "musubi_blocks_to_swap", 0) or 0)
+        if blocks:
+            device = getattr(self.config, "musubi_block_swap_device", None) or "cpu"
+            model.enable_block_swap(blocks, device)
+            logger.info(
+                "LongCat-Video block swap: blocks %s of %d stream from %s",
+                _ranges(model.swapped_blocks),
+                len(model.blocks),
+                device,
+            )
+        options = model.set_attention_options(attention_options_from_config(self.config))
         logger.info(
             "LongCat-Video attention: %s (block-sparse sparsity %s, chunk %s, cdf_threshold %s)",
             options.backend,
@@ -267,6 +283,50 @@ def attention_options_from_config(config: object) -> AttentionOptions:
         chunk=chunk,
         cdf_threshold=None if threshold is None else float(threshold),
     )
+
+
+def checkpoint_depth(path: str | None) -> int:
+    """The DiT's block count from a local checkpoint's dit/config.json (48 for the hub id)."""
+    import json
+
+    if path:
+        config_file = os.path.join(os.path.expanduser(path), spec.DIT_SUBFOLDER, "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as handle:
+                return int(json.load(handle).get("depth", spec.NUM_BLOCKS))
+    return spec.NUM_BLOCKS
+
+
+def check_block_swap_config(config: object, compute_device: torch.device | str) -> None:
+    """``musubi_blocks_to_swap`` / ``musubi_block_swap_device``, refused before any weight loads."""
+    blocks = getattr(config, "musubi_blocks_to_swap", None)
+    if blocks is None or blocks == 0:
+        return
+    check_blocks_to_swap(blocks, checkpoint_depth(getattr(config, "pretrained_model_name_or_path", None)))
+    raw_device = getattr(config, "musubi_block_swap_device", None) or "cpu"
+    try:
+        device = torch.device(raw_device)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type == "meta":
+        raise LongCatVideoError(
+            where="musubi_block_swap_device",
+            value=raw_device,
+            rule="must name a torch device that holds the swapped blocks",
+            fix='use "cpu" (the usual choice) or another accelerator such as "cuda:1"',
+        )
+    compute = torch.device(compute_device)
+    if device.type == compute.type and (device.index or 0) == (compute.index or 0):
+        raise LongCatVideoError(
+            where="musubi_block_swap_device",
+            value=raw_device,
+            rule=f"is the training device ({compute}), so block swap would move nothing",
+            fix='use "cpu", or set musubi_blocks_to_swap to 0',
+        )
+
+
+def _ranges(indices: list[int]) -> str:
+    return f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
 
 
 def _batched(tensor: torch.Tensor) -> torch.Tensor:

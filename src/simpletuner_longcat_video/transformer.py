@@ -75,19 +75,38 @@ class _AutocastOff:
             self.ctx.__exit__(*exc)
 
 
-class FP32Linear(nn.Linear):
+class FP32Linear(nn.Module):
     """A linear layer that always computes in float32, whatever its storage dtype.
 
     Upstream runs the timestep MLP, the adaLN modulation and the output projection under
     float32 autocast. Doing the upcast in the layer keeps the same numbers when the weights are
-    stored in bf16, still lets PEFT wrap the layer (it stays an ``nn.Linear``), and cannot be
-    undone by an outer bf16 autocast region.
+    stored in bf16 and cannot be undone by an outer bf16 autocast region. It is deliberately not
+    an ``nn.Linear``: the host's quantisers (optimum-quanto, torchao) convert every
+    ``nn.Linear`` they see, and these small precision-critical layers (5% of the weights) must
+    stay in the base dtype when the rest of the DiT is stored in int8/fp8.
     """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
         with _AutocastOff(x.device.type):
             return F.linear(x.float(), self.weight.float(), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -364,6 +383,18 @@ class LongCatVideoFinalLayer(nn.Module):
         return self.linear(_modulate(self.norm_final, x, shift, scale, frames))
 
 
+def check_blocks_to_swap(value: object, depth: int, where: str = "musubi_blocks_to_swap") -> int:
+    """``value`` as a block count to swap: 0 (off) or 1..depth-1 (one block must stay resident)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < depth:
+        raise LongCatVideoError(
+            where=where,
+            value=value,
+            rule=f"block swap streams 1 to {depth - 1} of the DiT's {depth} blocks (0 turns it off)",
+            fix=f"use a whole number from 1 to {depth - 1}; start with 4-8 and raise it until the step fits",
+        )
+    return value
+
+
 def _options_from_legacy_config(
     enable_flashattn3: bool, enable_flashattn2: bool, enable_xformers: bool, enable_bsa: bool, bsa_params: dict | None
 ) -> AttentionOptions:
@@ -473,6 +504,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.final_layer = LongCatVideoFinalLayer(hidden_size, math.prod(patch_size), out_channels, adaln_tembed_dim)
 
         self.gradient_checkpointing = False
+        self._checkpoint_backend = "torch"
+        self._musubi_block_swap = None  # the host's MusubiBlockSwapManager, found by this name
         self.attention_options = _options_from_legacy_config(
             enable_flashattn3, enable_flashattn2, enable_xformers, enable_bsa, bsa_params
         )
@@ -493,6 +526,49 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
         self.attention_options = new
         return new
+
+    def enable_block_swap(self, blocks_to_swap: int, device: str | torch.device = "cpu") -> None:
+        """Keep the last ``blocks_to_swap`` blocks on ``device`` and stream each one onto the compute
+        device for its forward and backward pass (SimpleTuner's Musubi block swap).
+
+        ``0`` turns swapping off. The blocks move when the first forward runs (or when the host
+        places the model); LoRA weights inside swapped blocks stay on the compute device.
+        """
+        depth = len(self.blocks)
+        check_blocks_to_swap(blocks_to_swap, depth)
+        if blocks_to_swap == 0:
+            self._musubi_block_swap = None
+            return
+        from simpletuner.helpers.musubi_block_swap import MusubiBlockSwapManager
+
+        self._musubi_block_swap = MusubiBlockSwapManager(
+            list(range(depth - blocks_to_swap, depth)), torch.device(device), logger
+        )
+
+    @property
+    def swapped_blocks(self) -> list[int]:
+        """Indices of the blocks that block swap streams (empty when it is off)."""
+        swap = self._musubi_block_swap
+        return sorted(swap.block_indices) if swap is not None else []
+
+    def set_gradient_checkpointing_backend(self, backend: str) -> None:
+        """Host hook: ``"torch"`` recomputes each block; ``"unsloth"`` also parks the saved block
+        inputs in CPU memory (the host's activation offload)."""
+        if backend not in ("torch", "unsloth"):
+            raise LongCatVideoError(
+                where="gradient_checkpointing_backend",
+                value=backend,
+                rule="LongCat-Video checkpoints whole blocks; it supports 'torch' and 'unsloth'",
+                fix="use 'torch' (recompute) or 'unsloth' (recompute, saved inputs on the CPU)",
+            )
+        self._checkpoint_backend = backend
+
+    def _run_checkpointed(self, block: nn.Module, *args: Any) -> torch.Tensor:
+        if self._checkpoint_backend == "unsloth":
+            from simpletuner.helpers.training.offloaded_gradient_checkpointer import offloaded_checkpoint
+
+            return offloaded_checkpoint(block, *args, use_reentrant=False)
+        return self._gradient_checkpointing_func(block, *args)
 
     def _compute_dtype(self) -> torch.dtype:
         dtype = self.x_embedder.proj.weight.dtype
@@ -612,11 +688,20 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             grid=grid, num_cond_tokens=num_cond_latents * grid[1] * grid[2], options=self.attention_options
         )
 
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, y, text_mask, temb, rope_cos, rope_sin, context)
+        grad = torch.is_grad_enabled()
+        checkpointing = grad and self.gradient_checkpointing
+        swap = self._musubi_block_swap
+        swapping = swap is not None and swap.activate(self.blocks, device, grad)
+        for index, block in enumerate(self.blocks):
+            streamed = swapping and swap.is_managed_block(index)
+            if streamed:
+                swap.stream_in(block, device, checkpointed=checkpointing)
+            if checkpointing:
+                x = self._run_checkpointed(block, x, y, text_mask, temb, rope_cos, rope_sin, context)
             else:
                 x = block(x, y, text_mask, temb, rope_cos, rope_sin, context)
+            if streamed:
+                swap.stream_out(block)
 
         x = self.final_layer(x, temb, grid[0])
         out = self._unpatchify(x, grid).float()
@@ -660,4 +745,5 @@ __all__ = [
     "LongCatVideoTransformer3DModel",
     "LongCatVideoTransformerBlock",
     "apply_rotary_3d",
+    "check_blocks_to_swap",
 ]
