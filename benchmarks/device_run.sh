@@ -22,7 +22,7 @@ fi
 if [[ $what == train ]]; then
     # The built-in comparison imports SimpleTuner, so its wheel and the few imports the GPU image
     # lacks (boto3 & co, optimum-quanto, torchao) travel in .whl too.
-    python3 "$repo/benchmarks/train_step.py" --rows "${2:-plain,swap8}" 2>&1 | tee "$OUT/train_step.txt" || status=1
+    python3 "$repo/benchmarks/train_step.py" --rows "${2:-plain,swap8}" ${3:-} 2>&1 | tee "$OUT/train_step.txt" || status=1
 fi
 if [[ $what == pipeline || $what == all ]]; then
     python3 "$repo/benchmarks/gpu_check_pipeline.py" 2>&1 | tee "$OUT/gpu_check_pipeline.txt" || status=1

@@ -10,8 +10,7 @@ step and reports the median of the timed steps.
     python benchmarks/train_step.py --tiny --rows all             # CPU smoke test of every row
 
 Rows (ours and the built-in unless marked):
-  plain          480x832x93 I2V, bf16, dense attention (ours: cuDNN first on Hopper)
-  plain-torch    ours only: same, with PyTorch's own SDPA kernel order (FlashAttention-2 first)
+  plain          480x832x93 I2V, bf16, dense attention (PyTorch SDPA)
   swap8          plain + musubi_blocks_to_swap=8 (blocks 40-47 streamed from CPU memory)
   int8-quanto    plain with the frozen DiT quantised by the host (optimum-quanto int8 weights)
   fp8-torchao    plain with the frozen DiT quantised by the host (torchao fp8 weights + activations)
@@ -52,7 +51,6 @@ except ImportError:  # running from a checkout without installing it
 
 ROWS: dict[str, dict] = {
     "plain": {},
-    "plain-torch": {"ours_only": True, "sdpa_kernels": "torch"},
     "swap8": {"swap": 8},
     "int8-quanto": {"precision": "int8-quanto"},
     "fp8-torchao": {"precision": "fp8-torchao"},
@@ -70,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks every code path, times nothing)")
+    p.add_argument("--profile", action="store_true", help="after ours/plain, profile one step: where the time goes")
     return p.parse_args()
 
 
@@ -123,7 +122,6 @@ def build(which: str, config: dict, row: dict, device: torch.device, dtype: torc
             backend="block_sparse" if row.get("bsa") and device.type == "cuda" else "sdpa",
             sparsity=BSA["sparsity"],
             chunk=BSA["chunk"],
-            sdpa_kernels=row.get("sdpa_kernels", "auto"),
         )
     if row.get("precision"):
         model = host_quantise(model, row["precision"])
@@ -258,6 +256,8 @@ def run_row(name: str, which: str, args: argparse.Namespace, device, dtype) -> d
         result["model_tflop"] = flops["model"] / 1e12
         result["tflops"] = flops["model"] / result["step_s"] / 1e12
         result["mfu"] = result["tflops"] / H100_BF16_DENSE_TFLOPS
+        if args.profile and which == "ours" and name == "plain":
+            result["profile"] = profile_step(model, inputs, ncl, device)
         if which == "builtin" and row.get("bsa"):
             failed = any(getattr(b.attn, "_bsa_attention_failed", False) for b in model.blocks)
             loaded = any(getattr(b.attn, "_bsa_attention", None) is not None for b in model.blocks)
@@ -270,6 +270,39 @@ def run_row(name: str, which: str, args: argparse.Namespace, device, dtype) -> d
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+KERNEL_GROUPS = (
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90", "splitk")),
+)
+
+
+def profile_step(model, inputs, ncl: int, device: torch.device) -> dict:
+    """One step under the torch profiler: GPU time by kernel group and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        train_step(model, *inputs, ncl)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    groups: dict[str, float] = {}
+    for e in events:
+        lowered = e.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in lowered for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + getattr(e, attr) / 1e6
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:25]
+    summary = {
+        "seconds_by_group": groups,
+        "top": [(e.key[:110], getattr(e, attr) / 1e6, e.count) for e in top],
+    }
+    print("\nprofile (one step, GPU seconds by group):", json.dumps(groups))
+    for key, seconds, count in summary["top"]:
+        print(f"  {seconds:8.3f} s  x{count:<6d} {key}")
+    return summary
 
 
 def print_table(results: list[dict]) -> None:

@@ -36,7 +36,6 @@ A backend registered in code under the same name wins over the entry point.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -47,13 +46,11 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger("simpletuner_longcat_video.attention")
 
 ENTRY_POINT_GROUP = "simpletuner.attention_backends"
 BACKEND_CHOICES = ("auto", "sdpa", "xformers", "block_sparse")
-SDPA_KERNEL_CHOICES = ("auto", "torch")
 FALLBACK_BACKEND = "sdpa"
 
 Grid = tuple[int, int, int]
@@ -90,15 +87,8 @@ class AttentionOptions:
     sparsity: float = 0.875
     chunk: tuple[int, int, int] = (4, 4, 8)
     cdf_threshold: float | None = None
-    # Dense-attention kernel order: "auto" puts cuDNN's fused attention first on Hopper and newer
-    # (see docs/attention.md for the measurement), "torch" keeps PyTorch's own order.
-    sdpa_kernels: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.sdpa_kernels not in SDPA_KERNEL_CHOICES:
-            raise ValueError(
-                f"AttentionOptions.sdpa_kernels = {self.sdpa_kernels!r}: must be one of {SDPA_KERNEL_CHOICES}"
-            )
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"AttentionOptions.sparsity = {self.sparsity!r}: must lie in [0, 1)")
         if len(self.chunk) != 3 or any(int(c) < 1 for c in self.chunk):
@@ -425,23 +415,7 @@ def sdpa_backend(
     options: AttentionOptions,
 ) -> torch.Tensor:
     """Dense attention through ``torch.nn.functional.scaled_dot_product_attention``."""
-    order = _sdpa_kernel_order(q.device) if options.sdpa_kernels == "auto" else None
-    if order is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    with sdpa_kernel(order, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v)
-
-
-@functools.cache
-def _sdpa_kernel_order(device: torch.device) -> list[SDPBackend] | None:
-    # PyTorch ranks FlashAttention-2 first; on Hopper cuDNN's fused kernels are faster for this
-    # model's shapes (head dim 128, tens of thousands of tokens). The other kernels stay behind
-    # it, so a shape cuDNN refuses still runs.
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return None
-    if not torch.backends.cudnn.is_available():
-        return None
-    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def xformers_available() -> bool:
