@@ -11,6 +11,7 @@ step and reports the median of the timed steps.
 
 Rows (ours and the built-in unless marked):
   plain          480x832x93 I2V, bf16, dense attention (PyTorch SDPA)
+  plain-compiled ours only: plain with every block torch.compile'd (compile_blocks)
   swap8          plain + musubi_blocks_to_swap=8 (blocks 40-47 streamed from CPU memory)
   int8-quanto    plain with the frozen DiT quantised by the host (optimum-quanto int8 weights)
   fp8-torchao    plain with the frozen DiT quantised by the host (torchao fp8 weights + activations)
@@ -51,6 +52,7 @@ except ImportError:  # running from a checkout without installing it
 
 ROWS: dict[str, dict] = {
     "plain": {},
+    "plain-compiled": {"ours_only": True, "compile": True},
     "swap8": {"swap": 8},
     "int8-quanto": {"precision": "int8-quanto"},
     "fp8-torchao": {"precision": "fp8-torchao"},
@@ -134,6 +136,8 @@ def build(which: str, config: dict, row: dict, device: torch.device, dtype: torc
             if "lora_B" in name:  # nonzero B: the adapter path carries real gradients
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 1e-3)
     model.enable_gradient_checkpointing()
+    if row.get("compile"):
+        model.compile_blocks()
     if row.get("offload"):
         model.set_gradient_checkpointing_backend("unsloth")
         if which == "builtin":

@@ -551,6 +551,16 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         swap = self._musubi_block_swap
         return sorted(swap.block_indices) if swap is not None else []
 
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` every block (they share one graph).
+
+        Eager mode spends about a third of a full-size training step in small float32
+        element-wise kernels (adaLN modulation, gated residuals, rotary embedding, LoRA adds);
+        compiling the block fuses them. Call it after adapters are added.
+        """
+        for block in self.blocks:
+            block.compile(**options)
+
     def set_gradient_checkpointing_backend(self, backend: str) -> None:
         """Host hook: ``"torch"`` recomputes each block; ``"unsloth"`` also parks the saved block
         inputs in CPU memory (the host's activation offload)."""
