@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -18,6 +20,14 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from simpletuner_longcat_video import data, spec
 from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
 from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.lora_formats import (
+    LoraLayers,
+    attach_lora,
+    check_against,
+    describe,
+    lora_layers_to,
+    read_lora_file,
+)
 from simpletuner_longcat_video.pipeline import LongCatVideoPipeline, normalize_latents
 from simpletuner_longcat_video.text import encode_prompts
 from simpletuner_longcat_video.training import apply_i2v_condition, drop_condition_frames
@@ -91,6 +101,7 @@ class LongCatVideo(VideoModelFoundation):
         # checked here, before anything is read from the checkpoint.
         check_checkpoint_layout(self.config.pretrained_model_name_or_path)
         attention_options_from_config(self.config)
+        distill_lora_path(self.config)
 
     def check_user_config(self) -> None:
         super().check_user_config()
@@ -147,6 +158,10 @@ class LongCatVideo(VideoModelFoundation):
         image = pipeline_kwargs.get("image")
         if isinstance(image, list):
             pipeline_kwargs["image"] = image[0] if image else None
+        if distill_lora_path(self.config) is not None:
+            pipeline_kwargs["num_inference_steps"] = spec.DISTILL_STEPS
+            pipeline_kwargs["guidance_scale"] = spec.DISTILL_GUIDANCE
+            pipeline_kwargs["use_distill"] = True
         return pipeline_kwargs
 
     def post_model_load_setup(self) -> None:
@@ -170,6 +185,58 @@ class LongCatVideo(VideoModelFoundation):
             options.chunk,
             options.cdf_threshold,
         )
+        if distill_lora_path(self.config) is not None:
+            # Read and checked now, so a wrong file stops the run before training, not at the first preview.
+            layers = self._distill_layers()
+            logger.info(
+                "LongCat-Video validation previews use the distillation LoRA %s (%s): %d steps, guidance %.1f "
+                "instead of validation_num_inference_steps / validation_guidance",
+                distill_lora_path(self.config),
+                describe(layers),
+                spec.DISTILL_STEPS,
+                spec.DISTILL_GUIDANCE,
+            )
+
+    def _distill_layers(self) -> LoraLayers:
+        """The distillation LoRA (CPU), read once and checked against the transformer."""
+        if getattr(self, "_distill_lora", None) is None:
+            path = distill_lora_path(self.config)
+            layers, _ = read_lora_file(path)
+            check_against(self.unwrap_model(), layers, source=path)
+            self._distill_lora = layers
+        return self._distill_lora
+
+    # Validation previews with the distillation LoRA. The host lets a family run the pipeline call
+    # itself only through its multi-stage hook; here it is one stage, wrapped so the LoRA is applied
+    # for exactly that call: forward hooks on top of the trained adapter, removed afterwards, so
+    # nothing of it can reach training (the weights are never written).
+    def supports_multistage_validation(self) -> bool:
+        return distill_lora_path(self.config) is not None or super().supports_multistage_validation()
+
+    def run_multistage_validation(self, pipeline_kwargs: dict, pipeline_call: Callable[..., Any]) -> Any:
+        if distill_lora_path(self.config) is None:
+            return super().run_multistage_validation(pipeline_kwargs, pipeline_call)
+        transformer = self.pipeline.transformer
+        device, dtype = next(transformer.parameters()).device, self.config.weight_dtype
+        cached = getattr(self, "_distill_lora_on_device", None)
+        if cached is None or cached[0] != (device, dtype):
+            cached = ((device, dtype), lora_layers_to(self._distill_layers(), device=device, dtype=dtype))
+            self._distill_lora_on_device = cached
+        with attach_lora(transformer, cached[1], source=distill_lora_path(self.config)):
+            return pipeline_call(self.pipeline, pipeline_kwargs)
+
+    def unload_validation_models(self) -> None:
+        super().unload_validation_models()
+        self._distill_lora_on_device = None
+
+    def save_lora_weights(self, *args: Any, **kwargs: Any) -> None:
+        # SimpleTuner 4.10.1 passes the adapter config (lora_alpha, r) with checkpoint saves but not
+        # with the final save, so output_dir/pytorch_lora_weights.safetensors lost its scale; add it.
+        if not any(key.endswith("lora_adapter_metadata") for key in kwargs):
+            peft_config = getattr(self.unwrap_model(), "peft_config", None) or {}
+            if "default" in peft_config:
+                kwargs["transformer_lora_adapter_metadata"] = peft_config["default"].to_dict()
+        return super().save_lora_weights(*args, **kwargs)
 
     # Text: umT5 states plus their valid-length mask, cached by the host as a dict.
     def _encode_prompts(self, prompts: list, is_negative_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +394,22 @@ def check_block_swap_config(config: object, compute_device: torch.device | str) 
 
 def _ranges(indices: list[int]) -> str:
     return f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
+
+
+def distill_lora_path(config: object) -> str | None:
+    """``longcat_validation_distill_lora`` as an existing file path, or None when unset."""
+    raw = getattr(config, "longcat_validation_distill_lora", None)
+    if raw in (None, ""):
+        return None
+    path = os.path.expanduser(str(raw))
+    if not os.path.isfile(path):
+        raise LongCatVideoError(
+            where="longcat_validation_distill_lora",
+            value=raw,
+            rule="the distillation LoRA file does not exist",
+            fix=f"point it at <checkpoint>/{spec.DISTILL_LORA_FILE} of the downloaded LongCat-Video, or unset it",
+        )
+    return path
 
 
 def _batched(tensor: torch.Tensor) -> torch.Tensor:

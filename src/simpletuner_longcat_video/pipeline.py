@@ -137,8 +137,19 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
         latents = self.vae.encode(pixels).latent_dist.mode()
         return normalize_latents(latents.float(), self.vae)
 
-    def sampling_sigmas(self, num_inference_steps: int) -> list[float]:
-        return np.linspace(1.0, SIGMA_MIN, num_inference_steps).tolist()
+    def sampling_sigmas(self, num_inference_steps: int, use_distill: bool = False) -> list[float]:
+        """Sigmas before the scheduler's shift: linear from 1 to 0.001, or the distillation's grid.
+
+        The CFG/step distillation LoRA was trained on a grid of ``DISTILL_GRID_STEPS`` sigmas
+        (``k / DISTILL_GRID_STEPS``, k from the top down); upstream samples it by taking every
+        ``grid / steps``-th of them (index rounded down), which is what ``use_distill`` reproduces.
+        """
+        if not use_distill:
+            return np.linspace(1.0, SIGMA_MIN, num_inference_steps).tolist()
+        train_steps = int(self.scheduler.config.num_train_timesteps)
+        stride = train_steps // spec.DISTILL_GRID_STEPS
+        picks = np.floor(np.linspace(0, spec.DISTILL_GRID_STEPS, num_inference_steps, endpoint=False)).astype(int)
+        return [float((spec.DISTILL_GRID_STEPS - pick) * stride) / train_steps for pick in picks]
 
     @torch.no_grad()
     def __call__(
@@ -163,8 +174,12 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
         callback_on_step_end: Callable | None = None,
         max_sequence_length: int = spec.TEXT_MAX_TOKENS,
         show_progress: bool = True,
+        use_distill: bool = False,
     ) -> LongCatVideoPipelineOutput | tuple:
         """Generate videos; ``image`` turns text-to-video into image-to-video.
+
+        ``use_distill`` samples on the distillation LoRA's sigma grid (see :meth:`sampling_sigmas`);
+        with that LoRA applied, upstream uses 16 steps and guidance 1.0.
 
         Guidance > 1 without a negative prompt encodes the empty string as the negative (upstream's
         behaviour); its states are computed once per call. ``output_type`` is ``"np"`` (float
@@ -227,16 +242,17 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
             latents[:, :, :num_cond] = cond
 
         logger.info(
-            "LongCat-Video sampling: %s, %dx%d, %d frames, %d steps, guidance %.2f%s",
+            "LongCat-Video sampling: %s, %dx%d, %d frames, %d steps%s, guidance %.2f%s",
             "image-to-video (start image in latent frame 0)" if num_cond else "text-to-video",
             width,
             height,
             num_frames,
             num_inference_steps,
+            " on the distillation grid" if use_distill else "",
             guidance_scale,
             " with CFG-zero" if do_cfg else "",
         )
-        self.scheduler.set_timesteps(sigmas=self.sampling_sigmas(num_inference_steps), device=device)
+        self.scheduler.set_timesteps(sigmas=self.sampling_sigmas(num_inference_steps, use_distill), device=device)
         timesteps = self.scheduler.timesteps
         iterator = tqdm(timesteps, desc="LongCat-Video", disable=not show_progress)
         for index, t in enumerate(iterator):

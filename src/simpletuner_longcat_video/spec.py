@@ -48,6 +48,12 @@ DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 40
 NUM_COND_LATENTS_I2V = 1
 
+# The official CFG + step distillation LoRA (lora/cfg_step_lora.safetensors) samples with these.
+DISTILL_LORA_FILE = "lora/cfg_step_lora.safetensors"
+DISTILL_STEPS = 16
+DISTILL_GUIDANCE = 1.0
+DISTILL_GRID_STEPS = 50  # the distillation's sigma grid (upstream num_distill_sample_steps)
+
 
 @dataclass(frozen=True)
 class FrameRule:
@@ -125,5 +131,13 @@ CONFIG_OPTIONS = (
         None,
         "LongCat-Video block-sparse attention: also keep the smallest set of key blocks whose softmax mass "
         "reaches this value, in (0, 1]; unset = top-k by sparsity only",
+    ),
+    ConfigOption(
+        "longcat_validation_distill_lora",
+        str,
+        None,
+        "LongCat-Video validation previews: path of the official distillation LoRA "
+        f"(<checkpoint>/{DISTILL_LORA_FILE}); when set, previews apply it on top of the trained LoRA and "
+        f"sample with {DISTILL_STEPS} steps and guidance {DISTILL_GUIDANCE} (training weights are untouched)",
     ),
 )

@@ -116,6 +116,57 @@ def build_tiny_checkpoint(root: str | Path, *, seed: int = 0, sizes: TinySizes =
     return root
 
 
+# Modules the official cfg_step_lora covers in every block, with the number of up blocks upstream
+# splits each into (fused q/k/v and k/v projections get one per projection).
+DISTILL_LORA_MODULES = {
+    "attn.qkv": 3,
+    "attn.proj": 1,
+    "cross_attn.q_linear": 1,
+    "cross_attn.kv_linear": 2,
+    "ffn.w1": 1,
+    "ffn.w2": 1,
+    "ffn.w3": 1,
+}
+
+
+def build_tiny_distill_lora(
+    checkpoint: str | Path, *, rank: int = 4, alpha_scale: float = 0.5, seed: int = 1, std: float = 0.05
+) -> Path:
+    """A random LoRA for a tiny checkpoint in the official ``lora/cfg_step_lora.safetensors`` layout.
+
+    Same structure as the real file (seven modules per block, fused projections split into up
+    blocks, one ``alpha_scale`` per module), random values; returns the file's path.
+    """
+    import torch
+
+    from simpletuner_longcat_video.lora_formats import LoraPart, ModuleLora, write_lora_file
+    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+
+    checkpoint = Path(checkpoint)
+    with torch.device("meta"):
+        dit = LongCatVideoTransformer3DModel.from_config(
+            LongCatVideoTransformer3DModel.load_config(checkpoint / spec.DIT_SUBFOLDER)
+        )
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for index in range(len(dit.blocks)):
+        for name, splits in DISTILL_LORA_MODULES.items():
+            linear = dit.blocks[index].get_submodule(name)
+            rows = linear.out_features // splits
+            parts = tuple(
+                LoraPart(
+                    down=torch.randn(rank, linear.in_features, generator=generator) * std,
+                    up=torch.randn(rows, rank, generator=generator) * std,
+                    scale=alpha_scale,
+                )
+                for _ in range(splits)
+            )
+            layers[f"blocks.{index}.{name}"] = ModuleLora(parts)
+    path = checkpoint / spec.DISTILL_LORA_FILE
+    write_lora_file(layers, path, "upstream", source=str(path))
+    return path
+
+
 def synthetic_clip(index: int, *, frames: int, height: int, width: int) -> np.ndarray:
     """A short clip ``[frames, H, W, 3]`` uint8: a coloured square moving over a gradient."""
     rng = np.random.default_rng(index)
