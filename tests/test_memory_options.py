@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import check_block_swap_config
+from simpletuner_longcat_video.family import check_block_swap_config, compile_blocks_requested
 from simpletuner_longcat_video.transformer import (
     LORA_TARGET_MODULES,
     FP32Linear,
@@ -212,3 +212,27 @@ def test_unsloth_checkpointing_backend_gives_the_same_gradients():
         assert torch.allclose(grad, grads_off[name], rtol=0, atol=1e-7), name
     with pytest.raises(LongCatVideoError, match="gradient_checkpointing_backend = 'torch-ffn'"):
         offloaded.set_gradient_checkpointing_backend("torch-ffn")
+
+
+def test_compiled_blocks_give_the_same_step():
+    inputs = _inputs()
+    eager, compiled = _model(), _model()
+    for model in (eager, compiled):
+        model.enable_gradient_checkpointing()
+    compiled.compile_blocks()
+    out_eager, grads_eager = _step(eager, inputs)
+    out_compiled, grads_compiled = _step(compiled, inputs)
+    # Inductor fuses float32 element-wise chains, so sums may round differently (~1e-6).
+    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, False), ("false", False), ("true", True), ("TRUE", True), (True, True)])
+def test_compile_option_values(raw, expected):
+    assert compile_blocks_requested(SimpleNamespace(longcat_compile_blocks=raw)) is expected
+
+
+def test_compile_option_refuses_other_values():
+    with pytest.raises(LongCatVideoError, match=r"longcat_compile_blocks = 'yes': must be true or false"):
+        compile_blocks_requested(SimpleNamespace(longcat_compile_blocks="yes"))

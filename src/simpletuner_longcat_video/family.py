@@ -177,6 +177,11 @@ class LongCatVideo(VideoModelFoundation):
                 len(model.blocks),
                 device,
             )
+        if compile_blocks_requested(self.config):
+            # Compilation is lazy: the blocks are traced at their first call, after the host
+            # has added the LoRA layers.
+            model.compile_blocks()
+            logger.info("LongCat-Video: %d DiT blocks will be torch.compile'd at the first step", len(model.blocks))
         options = model.set_attention_options(attention_options_from_config(self.config))
         logger.info(
             "LongCat-Video attention: %s (block-sparse sparsity %s, chunk %s, cdf_threshold %s)",
@@ -350,6 +355,22 @@ def attention_options_from_config(config: object) -> AttentionOptions:
         chunk=chunk,
         cdf_threshold=None if threshold is None else float(threshold),
     )
+
+
+def compile_blocks_requested(config: object) -> bool:
+    """``longcat_compile_blocks`` as a bool (the host hands JSON booleans over as "true"/"false")."""
+    raw = getattr(config, "longcat_compile_blocks", None)
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    value = str(raw).strip().lower()
+    if value not in ("true", "false"):
+        raise LongCatVideoError(
+            where="longcat_compile_blocks",
+            value=raw,
+            rule="must be true or false",
+            fix="set it to true to torch.compile the DiT blocks, or leave it out",
+        )
+    return value == "true"
 
 
 def checkpoint_depth(path: str | None) -> int:
