@@ -81,7 +81,8 @@ def test_train_config_reaches_our_family(tmp_path):
 
 
 def _fake_layout(root: Path) -> Path:
-    # Empty official folders: enough for the layout check, which runs before anything is read.
+    # Empty official folders: the tests using them stop at a config rule or at the missing-folder
+    # check, both before anything in the folders (the text encoder's config.json first) is read.
     checkpoint = root / "ckpt"
     for name in ("dit", "vae", "text_encoder", "tokenizer", "scheduler"):
         (checkpoint / name).mkdir(parents=True)
