@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from _host_run import demo, run_host
 
 pytestmark = pytest.mark.slow
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("longcat_demo", REPO / "examples" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _demo()
 
 
 @pytest.fixture(scope="module")
@@ -74,36 +63,6 @@ def test_lora_weights_reload_and_change_the_pipeline_output(trained):
     assert (tuned - base).abs().max() > 1e-4
 
 
-def _run_with(tmp_path: Path, mutate) -> tuple[int, str]:
-    demo.prepare(tmp_path)
-    mutate(tmp_path)
-    code = demo.train(tmp_path, tmp_path / "train.log")
-    return code, (tmp_path / "train.log").read_text(errors="replace")
-
-
-def test_missing_start_frame_stops_the_run_before_any_step(tmp_path):
-    def drop_one(workdir: Path) -> None:
-        (workdir / "datasets/longcat-video/train/start_frames/clip_002.png").unlink()
-
-    code, log = _run_with(tmp_path, drop_one)
-    assert code != 0
-    assert "have no start frame in" in log and "clip_002" in log
-    assert "step_loss" not in log
-
-
-def test_bad_dataset_frame_count_is_named_by_the_host_run(tmp_path):
-    def bad_frames(workdir: Path) -> None:
-        path = workdir / "config" / "multidatabackend.json"
-        datasets = json.loads(path.read_text())
-        datasets[0]["video"]["num_frames"] = 8
-        path.write_text(json.dumps(datasets))
-
-    code, log = _run_with(tmp_path, bad_frames)
-    assert code != 0
-    assert "dataset 'longcat-video-train' video.num_frames = 8" in log and "use 5 or 9" in log
-    assert "step_loss" not in log
-
-
 def test_text_to_video_dataset_still_trains(tmp_path):
     def text_to_video(workdir: Path) -> None:
         path = workdir / "config" / "multidatabackend.json"
@@ -120,7 +79,7 @@ def test_text_to_video_dataset_still_trains(tmp_path):
         config.update(validation_steps=2, checkpoint_step_interval=2)
         config_path.write_text(json.dumps(config))
 
-    code, log = _run_with(tmp_path, text_to_video)
+    code, log = run_host(tmp_path, text_to_video)
     assert code == 0, log[-3000:]
     losses = demo.summarise(tmp_path, log)["losses"]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)

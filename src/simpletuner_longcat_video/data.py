@@ -8,11 +8,15 @@ Rules (from the quickstart, decided here once):
   see. Clips in the data that are longer than ``num_frames`` are cut to it by the host, which never
   invents frames.
 * Heights and widths must be divisible by 16 (VAE 8x times patch 2). Training buckets sit on the
-  64 px grid through ``aspect_bucket_alignment``, which must be a multiple of 64 (64 by default).
+  64 px grid through ``aspect_bucket_alignment``, which must be 64 (the host's default; its parser
+  offers nothing coarser).
 * An ``is_i2v`` video dataset with ``conditioning_data`` is paired with its start frames by file
-  name (the same relative path and stem; the start frame is an image, e.g. ``clip.mp4`` and
-  ``clip.png``). Any clip without a start frame and any start frame without a clip is named before
-  the first training step.
+  name (the same relative path and stem; the start frame is a ``.png``, e.g. ``clip.mp4`` and
+  ``clip.png``; letter case counts). Any clip without a start frame and any start frame without a
+  clip is named before the first training step. ``is_i2v`` on a dataset that is not a video
+  dataset is refused.
+* What the host would silently drop or mis-train (undecodable, empty or too-short clips, empty
+  captions, images in a video dataset) is refused by ``data_files``.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import os
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
-from simpletuner_longcat_video import spec
-from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video import data_files, spec
+from simpletuner_longcat_video.errors import LongCatVideoError, listed
 
 logger = logging.getLogger("simpletuner_longcat_video.data")
 
@@ -31,13 +35,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The host pairs a clip with "<stem>.png" in its conditioning dataset when that dataset is of the
 # first-frame kind; it pairs identical paths otherwise.
 HOST_FIRST_FRAME_SUFFIX = ".png"
-_SHOWN = 8
+
+
+def _whole_number(value: object) -> int | None:
+    """``value`` as an int if it is a whole number (int, integral float or digit string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    text = str(value).strip()
+    return int(text) if text.isdecimal() else None
 
 
 def check_frames(value: object, where: str) -> int:
-    text = str(value).strip()
-    frames = int(text) if text.isdigit() else -1
-    if isinstance(value, bool) or frames < 1:
+    frames = _whole_number(value)
+    if frames is None or frames < 1:
         raise LongCatVideoError(where=where, value=value, rule="must be a positive whole number", fix="use e.g. 93")
     if not spec.FRAME_RULE.is_valid(frames):
         below = spec.FRAME_RULE.nearest_valid_below(frames)
@@ -75,7 +89,7 @@ def parse_resolutions(value: object) -> list[tuple[int, int]]:
             width = height = part
         try:
             sizes.append((int(float(width)), int(float(height))))
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:
             raise LongCatVideoError(
                 where="validation_resolution",
                 value=value,
@@ -88,17 +102,13 @@ def parse_resolutions(value: object) -> list[tuple[int, int]]:
 def check_training_config(config: object) -> None:
     """Config-time rules; raised from the family's ``check_user_config`` before data is read."""
     alignment = getattr(config, "aspect_bucket_alignment", None)
-    if alignment is not None and (int(alignment) <= 0 or int(alignment) % spec.BUCKET_ALIGNMENT):
+    if alignment is not None and _whole_number(alignment) != spec.BUCKET_ALIGNMENT:
         raise LongCatVideoError(
             where="aspect_bucket_alignment",
             value=alignment,
-            rule=f"LongCat-Video buckets must sit on the {spec.BUCKET_ALIGNMENT} px grid",
-            fix=f'set "aspect_bucket_alignment": {spec.BUCKET_ALIGNMENT}',
-        )
-    if alignment is not None and int(alignment) != spec.BUCKET_ALIGNMENT:
-        logger.warning(
-            "aspect_bucket_alignment = %s: allowed (a multiple of 64) but coarser than the recommended 64",
-            alignment,
+            rule=f"LongCat-Video buckets must sit on the {spec.BUCKET_ALIGNMENT} px grid (the quickstart's rule: "
+            "every bucket edge then divides by the 16 px the latents need)",
+            fix=f'set "aspect_bucket_alignment": {spec.BUCKET_ALIGNMENT} (or leave it out: the host\'s default is 64)',
         )
     resolution = getattr(config, "validation_resolution", None)
     if resolution:
@@ -133,36 +143,112 @@ def _files_of(backend: dict) -> list[str]:
     return [path for paths in indices.values() for path in paths]
 
 
-def _shown(names: list[str], suffix: str = "") -> str:
-    listed = ", ".join(f"{name}{suffix}" for name in names[:_SHOWN])
-    return listed + (f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
+def _marked_i2v(settings: dict) -> bool:
+    video = settings.get("video")
+    return bool(settings.get("is_i2v")) or (isinstance(video, dict) and bool(video.get("is_i2v")))
 
 
 def check_datasets(config: object, backends: dict | None = None) -> None:
-    """Dataset rules once the host has configured every dataset (frame counts, pairing)."""
+    """Dataset rules once the host has configured every dataset (see the module doc and ``data_files``).
+
+    Every dataset is checked and every problem named in one error: a user fixing one problem
+    per start-up of a large run would wait minutes for each.
+    """
     if backends is None:
         from simpletuner.helpers.training.state_tracker import StateTracker
 
         backends = getattr(StateTracker, "data_backends", {}) or {}
     source = getattr(config, "data_backend_config", None) or "the data backend config"
+    problems: list[LongCatVideoError] = []
     for backend_id, backend in backends.items():
-        settings = backend.get("config") or {}
-        if backend.get("dataset_type") != "video":
-            continue
-        video = settings.get("video") or {}
-        for field in ("num_frames", "min_frames"):
-            if video.get(field) is not None:
-                check_frames(video[field], f"{source}: dataset {backend_id!r} video.{field}")
-        conditioning = backend.get("conditioning_data") or []
-        if not video.get("is_i2v") or not conditioning:
-            continue
-        clip_root = settings.get("instance_data_dir")
-        clip_keys = {pair_key(path, clip_root): path for path in _files_of(backend)}
-        for cond in conditioning:
-            _check_pair(source, backend_id, clip_root, clip_keys, cond)
+        try:
+            _check_dataset(source, backend_id, backend, problems)
+        except LongCatVideoError as error:
+            problems.append(error)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise LongCatVideoError(
+            where=source,
+            value=f"{len(problems)} problems",
+            rule="the datasets break several rules:\n"
+            + "\n".join(f"  {number}. {error}" for number, error in enumerate(problems, 1)),
+            fix="fix each one as its own 'Fix:' says; nothing was trained",
+        )
 
 
-def _check_pair(source: str, clip_id: str, clip_root: str | None, clip_keys: dict[str, str], cond: dict) -> None:
+def _check_dataset(source: str, backend_id: str, backend: dict, problems: list[LongCatVideoError]) -> None:
+    """One dataset's rules. A problem that leaves the rest checkable goes to ``problems``; one that
+    makes the rest meaningless (not a video dataset, broken pairing) is raised."""
+    settings = backend.get("config") or {}
+    dataset_type = backend.get("dataset_type")
+    if dataset_type != "video":
+        if _marked_i2v(settings):
+            raise LongCatVideoError(
+                where=f"{source}: dataset {backend_id!r} is_i2v",
+                value=f"dataset_type {dataset_type!r}",
+                rule="is_i2v marks a dataset of video clips; the host trains an image dataset as one-frame "
+                "samples, which have no frames after the start frame to learn",
+                fix='make it "dataset_type": "video" with clips (start images go in its conditioning dataset), '
+                "or drop is_i2v to train text-to-image on the images",
+            )
+        return
+    video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
+    for name in ("num_frames", "min_frames"):
+        if video.get(name) is not None:
+            try:
+                check_frames(video[name], f"{source}: dataset {backend_id!r} video.{name}")
+            except LongCatVideoError as error:
+                problems.append(error)
+    clip_root = settings.get("instance_data_dir")
+    files = _files_of(backend)
+    where = f"{source}: dataset {backend_id!r} ({clip_root})"
+    left_out = data_files.scan_left_out(clip_root, files, video.get("min_frames"), video.get("num_frames"))
+    for check, args in (
+        (data_files.check_video_dataset_holds_videos, (where, clip_root, files)),
+        (data_files.check_left_out, (where, left_out)),
+        (data_files.check_captions, (f"{where} caption files", settings, files)),
+    ):
+        try:
+            check(*args)
+        except LongCatVideoError as error:
+            problems.append(error)
+    conditioning = backend.get("conditioning_data") or []
+    if not video.get("is_i2v") or not conditioning:
+        return
+    # Clips refused above still count as present, so their start frames are not named twice.
+    refused = [os.path.join(clip_root or "", name) for name in left_out.refused_names()]
+    clip_keys = {pair_key(path, clip_root): path for path in [*files, *refused]}
+    skipped = {pair_key(path, clip_root) for path in left_out.filtered}
+    for cond in conditioning:
+        _check_pair(source, backend_id, clip_root, clip_keys, cond, skipped)
+
+
+def _pairing_problems(
+    clip_root: str | None, cond_root: str | None, missing: list[str], extra: list[str], skipped: set[str]
+) -> list[str]:
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} clip(s) in {clip_root} have no start frame in {cond_root}: {listed(missing)}")
+    if extra:
+        text = f"{len(extra)} start frame(s) in {cond_root} have no clip in {clip_root}: {listed(extra)}"
+        left_out = sorted(set(extra) & skipped)
+        if left_out:
+            text += (
+                f" (the clips {listed(left_out)} exist but the host left them out: its log says why, "
+                "e.g. smaller than minimum_image_size or longer than max_frames)"
+            )
+        problems.append(text)
+    by_case = {key.lower(): key for key in extra}
+    case_only = [f"{key} vs {by_case[key.lower()]}" for key in missing if key.lower() in by_case]
+    if case_only:
+        problems.append(f"names that differ only in letter case ({listed(case_only)}) do not pair: the match is exact")
+    return problems
+
+
+def _check_pair(
+    source: str, clip_id: str, clip_root: str | None, clip_keys: dict[str, str], cond: dict, skipped: set[str]
+) -> None:
     cond_id = cond.get("id")
     cond_settings = cond.get("config") or {}
     cond_root = cond_settings.get("instance_data_dir")
@@ -170,18 +256,11 @@ def _check_pair(source: str, clip_id: str, clip_root: str | None, clip_keys: dic
     frame_keys = {pair_key(path, cond_root): path for path in frame_paths}
     missing, extra = find_pairing_problems(clip_keys, frame_keys)
     if missing or extra:
-        problems = []
-        if missing:
-            problems.append(
-                f"{len(missing)} clip(s) in {clip_root} have no start frame in {cond_root}: {_shown(missing)}"
-            )
-        if extra:
-            problems.append(f"{len(extra)} start frame(s) in {cond_root} have no clip in {clip_root}: {_shown(extra)}")
         raise LongCatVideoError(
             where=f"{source}: datasets {clip_id!r} (is_i2v) and {cond_id!r} (conditioning)",
             value=f"{len(clip_keys)} clips, {len(frame_keys)} start frames",
             rule="every clip needs exactly one start frame with the same name (and the same sub-folder); "
-            + "; ".join(problems),
+            + "; ".join(_pairing_problems(clip_root, cond_root, missing, extra, skipped)),
             fix="add or rename the start frames so that clip_name.mp4 has clip_name.png beside its twin folder, "
             "or remove the unmatched files",
         )
@@ -190,14 +269,17 @@ def _check_pair(source: str, clip_id: str, clip_root: str | None, clip_keys: dic
     )
     if same_path:
         return  # the host pairs identical relative paths itself
-    wrong = sorted(key for key, path in frame_keys.items() if not path.lower().endswith(HOST_FIRST_FRAME_SUFFIX))
+    # The host looks up exactly "<clip name>.png": "clip.PNG" is not found on a case-sensitive disk
+    # and the clip then trains without its start frame (measured: a warning per step, no error).
+    wrong = sorted(key for key, path in frame_keys.items() if not path.endswith(HOST_FIRST_FRAME_SUFFIX))
     if wrong:
         raise LongCatVideoError(
             where=f"{source}: dataset {cond_id!r} (conditioning)",
-            value=_shown([os.path.basename(frame_keys[key]) for key in wrong]),
-            rule="start frames paired with clips by name must be PNG files (<clip name>.png): the host looks "
-            "up <clip name>.png",
-            fix=f"convert them, e.g. `mogrify -format png {cond_root}/*.jpg`, and remove the originals",
+            value=listed([os.path.basename(frame_keys[key]) for key in wrong]),
+            rule="start frames paired with clips by name must be PNG files named <clip name>.png, lower-case "
+            "suffix: the host looks up exactly <clip name>.png",
+            fix=f"convert them, e.g. `mogrify -format png {cond_root}/*.jpg`, rename .PNG to .png, and remove the "
+            "originals",
         )
     # The host's own first-frame conditioning datasets work this way: the dataset is marked
     # "i2v_first_frame" (clip.ext -> clip.png for the lookup) and each start frame's metadata

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class LongCatVideoError(ValueError):
     """A rule of the LongCat-Video family was broken by a config value, a file or a checkpoint."""
@@ -12,3 +14,9 @@ class LongCatVideoError(ValueError):
         self.rule = rule
         self.fix = fix
         super().__init__(f"{where} = {value!r}: {rule}. Fix: {fix}")
+
+
+def listed(names: Sequence[object], suffix: str = "", limit: int = 8) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are: long lists stay readable."""
+    shown = ", ".join(f"{name}{suffix}" for name in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import data, spec
 from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
+from simpletuner_longcat_video.checkpoint import check_checkpoint_layout
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.lora_formats import (
     LoraLayers,
@@ -98,10 +99,10 @@ class LongCatVideo(VideoModelFoundation):
         apply_flow_shift_default(self.config)
         super().setup_model_flavour()
         # The host's __init__ loads the scheduler right after this hook, so the config rules are
-        # checked here, before anything is read from the checkpoint.
-        check_checkpoint_layout(self.config.pretrained_model_name_or_path)
+        # checked here, before anything is read from the checkpoint, and then its layout.
         attention_options_from_config(self.config)
         distill_lora_path(self.config)
+        check_checkpoint_layout(self.config.pretrained_model_name_or_path)
 
     def check_user_config(self) -> None:
         super().check_user_config()
@@ -333,7 +334,7 @@ def attention_options_from_config(config: object) -> AttentionOptions:
             rule="must be three positive integers T,H,W whose product is a power of two from 16 to 256",
             fix='use the default "4,4,8" (128 tokens per block)',
         )
-    sparsity = float(value("longcat_bsa_sparsity"))
+    sparsity = _as_float(value("longcat_bsa_sparsity"))
     if not 0.0 <= sparsity < 1.0:
         raise LongCatVideoError(
             where="longcat_bsa_sparsity",
@@ -342,7 +343,7 @@ def attention_options_from_config(config: object) -> AttentionOptions:
             fix="use the default 0.875 (0.75 keeps twice as many blocks)",
         )
     threshold = getattr(config, "longcat_bsa_cdf_threshold", None)
-    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+    if threshold is not None and not 0.0 < _as_float(threshold) <= 1.0:
         raise LongCatVideoError(
             where="longcat_bsa_cdf_threshold",
             value=threshold,
@@ -433,41 +434,14 @@ def distill_lora_path(config: object) -> str | None:
     return path
 
 
+def _as_float(value: object) -> float:
+    # Not a number reads as NaN, which fails every range rule below and so gets its message.
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return float("nan")
+
+
 def _batched(tensor: torch.Tensor) -> torch.Tensor:
     # Cached embeddings are stored per sample; the pipeline wants a batch axis.
     return tensor.unsqueeze(0) if tensor.dim() in (1, 2) else tensor
-
-
-CHECKPOINT_FOLDERS = (
-    spec.DIT_SUBFOLDER,
-    spec.VAE_SUBFOLDER,
-    spec.TEXT_ENCODER_SUBFOLDER,
-    spec.TOKENIZER_SUBFOLDER,
-    spec.SCHEDULER_SUBFOLDER,
-)
-
-
-def check_checkpoint_layout(path: str | None) -> None:
-    """A local checkpoint must have the official layout; hub ids are left to the host's download."""
-    if not path:
-        return
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
-    if not looks_local:
-        return
-    folder = os.path.expanduser(path)
-    if not os.path.isdir(folder):
-        raise LongCatVideoError(
-            where="pretrained_model_name_or_path",
-            value=path,
-            rule="a local LongCat-Video checkpoint folder must exist",
-            fix="point it at the folder holding dit/, vae/, text_encoder/, tokenizer/ and scheduler/ "
-            "(a download of meituan-longcat/LongCat-Video), or use the hub id meituan-longcat/LongCat-Video",
-        )
-    missing = [name for name in CHECKPOINT_FOLDERS if not os.path.isdir(os.path.join(folder, name))]
-    if missing:
-        raise LongCatVideoError(
-            where=f"pretrained_model_name_or_path ({folder})",
-            value=path,
-            rule=f"the official layout needs the subfolders {list(CHECKPOINT_FOLDERS)}; missing: {missing}",
-            fix="download the complete meituan-longcat/LongCat-Video checkpoint into that folder",
-        )

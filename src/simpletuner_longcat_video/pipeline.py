@@ -25,6 +25,7 @@ from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
 from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.checkpoint import check_checkpoint_layout
 from simpletuner_longcat_video.data import check_frames, check_size
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.text import encode_prompts
@@ -308,6 +309,8 @@ def _as_batch(
 def load_pipeline(checkpoint: str, *, torch_dtype: torch.dtype = torch.float32) -> LongCatVideoPipeline:
     """Load the official folder layout (``dit/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
+
+    check_checkpoint_layout(checkpoint)
 
     return LongCatVideoPipeline(
         tokenizer=AutoTokenizer.from_pretrained(checkpoint, subfolder=spec.TOKENIZER_SUBFOLDER),

@@ -38,7 +38,7 @@ from .attention import (
     dispatch_cross_attention,
     registered_backends,
 )
-from .errors import LongCatVideoError
+from .errors import LongCatVideoError, listed
 
 logger = logging.getLogger(__name__)
 
@@ -453,6 +453,47 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ]
     # Tiny weights that upstream applies in float32; cheap to keep there.
     _keep_in_fp32_modules = ["t_embedder", "q_norm", "k_norm", "pre_crs_attn_norm"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        """diffusers' loader, made strict: every weight must match the checkpoint's keys and shapes.
+
+        diffusers only logs missing or unexpected keys and leaves those weights randomly
+        initialised (and SimpleTuner then retries without ``low_cpu_mem_usage``, which hides
+        them for good), so a renamed or truncated ``dit/`` would train a partly random model.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        where = f"DiT weights in {pretrained_model_name_or_path}"
+        if kwargs.get("subfolder"):
+            where += f"/{kwargs['subfolder']}"
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except ValueError as error:
+            if "expected shape" not in str(error):
+                raise
+            raise LongCatVideoError(
+                where=where,
+                value=str(error).split(". ", 1)[0],
+                rule="every tensor must have the shape the DiT's config.json gives it",
+                fix="keep the config.json that was saved with these weights (the official dit/config.json for "
+                "the official weights)",
+            ) from error
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing: {listed(missing)}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected: {listed(unexpected)}")
+            raise LongCatVideoError(
+                where=where,
+                value="; ".join(parts),
+                rule="the DiT checkpoint must hold exactly the official LongCat-Video parameter names "
+                "(a missing weight would train from random values)",
+                fix="use the unmodified dit/ folder of meituan-longcat/LongCat-Video, or re-save converted "
+                "weights with LongCatVideoTransformer3DModel.save_pretrained",
+            )
+        return (model, info) if wants_info else model
 
     @register_to_config
     def __init__(

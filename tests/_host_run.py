@@ -1,0 +1,47 @@
+"""Running the real `simpletuner train` on the tiny checkpoint and dataset of `examples/demo.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import REPO
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("longcat_demo", REPO / "examples" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo()
+
+
+def run_host(workdir: Path, mutate: Callable[[Path], None] | None = None) -> tuple[int, str]:
+    """Prepare the demo under ``workdir``, let ``mutate`` break it, run the host; (exit code, log)."""
+    demo.prepare(workdir)
+    if mutate is not None:
+        mutate(workdir)
+    code = demo.train(workdir, workdir / "train.log")
+    # The host colours its log; the messages are compared as plain text.
+    return code, re.sub(r"\x1b\[[0-9;]*m", "", (workdir / "train.log").read_text(errors="replace"))
+
+
+def edit_json(path: Path, edit: Callable[[object], None]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def assert_nothing_trained(workdir: Path, code: int, log: str) -> None:
+    """The run stopped with an error before the first optimiser step and wrote no weights."""
+    assert code != 0, log[-3000:]
+    assert "step_loss" not in log
+    assert demo.summarise(workdir, log)["losses"] == []
+    output = workdir / "output"
+    assert not (output / "pytorch_lora_weights.safetensors").exists()
+    assert not list(output.glob("checkpoint-*"))
