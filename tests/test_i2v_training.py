@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import load_demo
 
 pytestmark = pytest.mark.slow
 
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("longcat_demo", REPO / "examples" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _demo()
+demo = load_demo()
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
 from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from simpletuner_longcat_video import data, spec
+from simpletuner_longcat_video import data, faults, spec
 from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.pipeline import LongCatVideoPipeline, normalize_latents
@@ -50,6 +51,8 @@ class LongCatVideo(VideoModelFoundation):
     DEFAULT_MODEL_FLAVOUR = spec.DEFAULT_FLAVOUR
     HUGGINGFACE_PATHS = dict(spec.FLAVOURS)
     MODEL_LICENSE = "mit"
+    # Every cached latent of a batch is checked (readable, finite) before training on it (faults.py).
+    CHECKS_CACHED_LATENTS = True
     # The official checkpoint ships umT5-XXL in text_encoder/ (not Qwen2.5-VL as the design card says).
     TEXT_ENCODER_CONFIGURATION = {
         "text_encoder": {
@@ -191,8 +194,22 @@ class LongCatVideo(VideoModelFoundation):
             num_cond_latents=num_cond_latents,
             return_dict=False,
         )[0]
+        self._last_batch_files = prepared_batch.get("filepaths")  # named if a later save is refused
+        # The host stops on a non-finite loss right after this; the explanation (data or weights?)
+        # is ours to give. The host syncs on the loss anyway, so this check adds no stall of note.
+        if not bool(torch.isfinite(output).all()):
+            faults.explain_non_finite_prediction(prepared_batch, self._trainable_weights())
         # The condition frame is input, not output: no prediction (and no loss) for it.
         return {"model_prediction": drop_condition_frames(-output, prepared_batch)}
+
+    def _trainable_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
+
+    def save_lora_weights(self, *args: Any, **kwargs: Any) -> Any:
+        """The host's LoRA save (checkpoints and final), refused when a weight is NaN/inf."""
+        save_directory = args[0] if args else kwargs.get("save_directory")
+        faults.check_lora_finite(kwargs, str(save_directory), getattr(self, "_last_batch_files", None))
+        return super().save_lora_weights(*args, **kwargs)
 
 
 def apply_flow_shift_default(config: object) -> None:
