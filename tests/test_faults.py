@@ -56,6 +56,13 @@ def _train(workdir: Path, log_name: str, **env: str) -> tuple[int, str]:
     return code, log_path.read_text(errors="replace")
 
 
+def _is_training_worker(process: psutil.Process) -> bool:
+    try:
+        return any(arg.endswith("train.py") for arg in process.cmdline())
+    except psutil.Error:  # gone, or a zombie already
+        return False
+
+
 def _train_and_kill(workdir: Path, log_name: str, after_checkpoint: int) -> None:
     """Start a run and SIGKILL its training worker once ``checkpoint-N`` is complete on disk."""
     command, environ = demo.host_command(workdir)
@@ -70,7 +77,7 @@ def _train_and_kill(workdir: Path, log_name: str, after_checkpoint: int) -> None
             # The CLI starts `accelerate launch` in a session of its own: kill the worker by pid
             # (as the OOM killer would), then whatever is left of the processes this test started.
             started = psutil.Process(cli.pid).children(recursive=True) if cli.poll() is None else []
-            workers = [p for p in started if any(arg.endswith("train.py") for arg in p.cmdline())]
+            workers = [p for p in started if _is_training_worker(p)]
             for process in workers + started:
                 try:
                     process.send_signal(signal.SIGKILL)
