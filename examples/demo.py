@@ -80,15 +80,19 @@ def prepare(workdir: Path) -> Path:
     return path
 
 
-def train(workdir: Path, log_path: Path) -> int:
-    """``simpletuner train`` in ``workdir`` (the host reads ``config/config.json`` there), no hub."""
+def host_command(workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """The ``simpletuner train`` command line and environment for ``workdir`` (no hub)."""
     simpletuner = Path(sys.executable).parent / "simpletuner"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", HOME=str(workdir))
     env["PATH"] = f"{simpletuner.parent}{os.pathsep}{env.get('PATH', '')}"
+    return [str(simpletuner), "train"], env
+
+
+def train(workdir: Path, log_path: Path) -> int:
+    """``simpletuner train`` in ``workdir`` (the host reads ``config/config.json`` there), no hub."""
+    command, env = host_command(workdir)
     with log_path.open("w") as log:
-        return subprocess.run(
-            [str(simpletuner), "train"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
-        ).returncode
+        return subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def summarise(workdir: Path, log_text: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,6 +23,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"tests must run against the installed package, not {simpletuner_longcat_video.__file__}; "
             "run them with `make test` (it installs the checkout first)"
         )
+
+
+def load_demo():
+    """``examples/demo.py`` as a module: the tests drive the real host the way the demo does."""
+    spec = importlib.util.spec_from_file_location("longcat_demo", REPO / "examples" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def host_environ(**extra: str) -> dict[str, str]:

@@ -228,7 +228,9 @@ def test_compiled_blocks_give_the_same_step():
         torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize(("raw", "expected"), [(None, False), ("false", False), ("true", True), ("TRUE", True), (True, True)])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, False), ("false", False), ("true", True), ("TRUE", True), (True, True)]
+)
 def test_compile_option_values(raw, expected):
     assert compile_blocks_requested(SimpleNamespace(longcat_compile_blocks=raw)) is expected
 

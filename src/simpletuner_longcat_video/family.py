@@ -17,7 +17,7 @@ from diffusers import AutoencoderKLWan
 from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from simpletuner_longcat_video import data, spec
+from simpletuner_longcat_video import data, faults, spec
 from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
 from simpletuner_longcat_video.checkpoint import check_checkpoint_layout
 from simpletuner_longcat_video.errors import LongCatVideoError
@@ -65,6 +65,8 @@ class LongCatVideo(VideoModelFoundation):
     DEFAULT_MODEL_FLAVOUR = spec.DEFAULT_FLAVOUR
     HUGGINGFACE_PATHS = dict(spec.FLAVOURS)
     MODEL_LICENSE = "mit"
+    # Every cached latent of a batch is checked (readable, finite) before training on it (faults.py).
+    CHECKS_CACHED_LATENTS = True
     # The official checkpoint ships umT5-XXL in text_encoder/ (not Qwen2.5-VL as the design card says).
     TEXT_ENCODER_CONFIGURATION = {
         "text_encoder": {
@@ -235,15 +237,6 @@ class LongCatVideo(VideoModelFoundation):
         super().unload_validation_models()
         self._distill_lora_on_device = None
 
-    def save_lora_weights(self, *args: Any, **kwargs: Any) -> None:
-        # SimpleTuner 4.10.1 passes the adapter config (lora_alpha, r) with checkpoint saves but not
-        # with the final save, so output_dir/pytorch_lora_weights.safetensors lost its scale; add it.
-        if not any(key.endswith("lora_adapter_metadata") for key in kwargs):
-            peft_config = getattr(self.unwrap_model(), "peft_config", None) or {}
-            if "default" in peft_config:
-                kwargs["transformer_lora_adapter_metadata"] = peft_config["default"].to_dict()
-        return super().save_lora_weights(*args, **kwargs)
-
     # Text: umT5 states plus their valid-length mask, cached by the host as a dict.
     def _encode_prompts(self, prompts: list, is_negative_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_prompts(self.tokenizers[0], self.text_encoders[0], list(prompts), device=self.accelerator.device)
@@ -280,8 +273,28 @@ class LongCatVideo(VideoModelFoundation):
             num_cond_latents=num_cond_latents,
             return_dict=False,
         )[0]
+        self._last_batch_files = prepared_batch.get("filepaths")  # named if a later save is refused
+        # The host stops on a non-finite loss right after this; the explanation (data or weights?)
+        # is ours to give. The host syncs on the loss anyway, so this check adds no stall of note.
+        if not bool(torch.isfinite(output).all()):
+            faults.explain_non_finite_prediction(prepared_batch, self._trainable_weights())
         # The condition frame is input, not output: no prediction (and no loss) for it.
         return {"model_prediction": drop_condition_frames(-output, prepared_batch)}
+
+    def _trainable_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
+
+    def save_lora_weights(self, *args: Any, **kwargs: Any) -> Any:
+        """The host's LoRA save (checkpoints and final), refused when a weight is NaN/inf."""
+        save_directory = args[0] if args else kwargs.get("save_directory")
+        faults.check_lora_finite(kwargs, str(save_directory), getattr(self, "_last_batch_files", None))
+        # SimpleTuner 4.10.1 passes the adapter config (lora_alpha, r) with checkpoint saves but not
+        # with the final save, so output_dir/pytorch_lora_weights.safetensors lost its scale; add it.
+        if not any(key.endswith("lora_adapter_metadata") for key in kwargs):
+            peft_config = getattr(self.unwrap_model(), "peft_config", None) or {}
+            if "default" in peft_config:
+                kwargs["transformer_lora_adapter_metadata"] = peft_config["default"].to_dict()
+        return super().save_lora_weights(*args, **kwargs)
 
 
 def apply_flow_shift_default(config: object) -> None:

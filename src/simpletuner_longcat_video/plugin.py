@@ -324,6 +324,14 @@ def extend_host_arguments(cmd_args: Any) -> None:
     cmd_args.get_argument_parser = get_argument_parser
 
 
+def extend_host_collate(collate: Any) -> None:
+    """Everything the plugin changes in the host's batch collation module, once it has executed."""
+    from simpletuner_longcat_video.faults import install_latent_check
+
+    install_latent_check(collate)
+    skip_pinning_without_accelerator(collate)
+
+
 def skip_pinning_without_accelerator(collate: Any) -> None:
     """Let the host's collation run on a machine without a GPU.
 

@@ -1,0 +1,193 @@
+"""Faults during training: what the family does so that none of them ends in a silently broken LoRA.
+
+* A cached latent that cannot be read, or that holds NaN/inf, is refused with the cache file, the
+  dataset and the source clip named, and moved aside as ``<file>.corrupt`` so that the host
+  re-encodes it from the clip at the next start. SimpleTuner 4.10.1 itself dies on such a file
+  with a bare unpickling error, possibly hours into a run, and never trains on it.
+* A non-finite prediction is explained (which inputs, which weights) next to the batch's files;
+  the host's own non-finite-loss check then stops the run (4.10.1 has no option to skip the step).
+* A LoRA with non-finite weights is never written: a finite loss can still produce an update
+  that overflows, which the host's loss check only notices one step later, after a save.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from simpletuner_longcat_video.errors import LongCatVideoError
+
+logger = logging.getLogger("simpletuner_longcat_video.faults")
+
+QUARANTINE_SUFFIX = ".corrupt"
+_SHOWN = 3  # names listed in a message before "and N more"
+
+
+def _names(items: Sequence[str]) -> str:
+    shown = ", ".join(str(item) for item in items[:_SHOWN])
+    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+
+
+def _latent_tensor(entry: Any) -> torch.Tensor | None:
+    # The host caches either a bare tensor or a dict carrying it under "latents".
+    if isinstance(entry, Mapping):
+        entry = entry.get("latents")
+    return entry if torch.is_tensor(entry) else None
+
+
+def _cache_file(vae_cache: Any, filepath: str) -> str:
+    return str(vae_cache.generate_vae_cache_filename(filepath)[0])
+
+
+def corrupt_latent_error(
+    vae_cache: Any, data_backend_id: str, filepath: str, cache_file: str, problem: str
+) -> LongCatVideoError:
+    """The named refusal for one bad cache entry; a local entry is moved aside first."""
+    local = getattr(getattr(vae_cache, "cache_data_backend", None), "type", None) == "local"
+    again = "start the run again (with resume_from_checkpoint: latest to keep the steps done)"
+    if local and os.path.exists(cache_file):
+        moved = cache_file + QUARANTINE_SUFFIX
+        os.replace(cache_file, moved)
+        fix = f"it was moved to {moved}; {again} and SimpleTuner re-encodes it from {filepath}"
+    elif local:
+        fix = f"SimpleTuner already deleted it; {again} and it is re-encoded from {filepath}"
+    else:
+        fix = f"delete it from the cache storage, then {again}; SimpleTuner re-encodes it from {filepath}"
+    error = LongCatVideoError(
+        where=f"VAE cache file {cache_file} (dataset '{data_backend_id}', source {filepath})",
+        value=problem,
+        rule="a cached latent must load as a finite tensor; it is never trained on otherwise",
+        fix=fix,
+    )
+    logger.error("%s", error)
+    return error
+
+
+def _unreadable_entry(vae_cache: Any, filepaths: Iterable[str]) -> tuple[str, str] | None:
+    """The first (filepath, problem) whose cache entry the host cannot load, read one at a time."""
+    for filepath in filepaths:
+        try:
+            entry = vae_cache.retrieve_from_cache(filepath)
+        except Exception as exc:
+            # torch's own message for a damaged file talks about weights_only, which misleads.
+            cache_file = _cache_file(vae_cache, filepath)
+            size = os.path.getsize(cache_file) if os.path.exists(cache_file) else 0
+            return str(filepath), f"unreadable: {type(exc).__name__} loading its {size} bytes (truncated or damaged)"
+        if _latent_tensor(entry) is None:
+            return str(filepath), "unreadable (the cache returned no tensor)"
+    return None
+
+
+def checked_latents(fetch: Callable[..., list], filepaths: Sequence[str], data_backend_id: str, model: Any) -> list:
+    """``fetch(filepaths, data_backend_id, model)`` (the host's latent fetch), refusing bad entries."""
+    from simpletuner.helpers.training.state_tracker import StateTracker
+
+    try:
+        latents = fetch(filepaths, data_backend_id, model)
+    except Exception as exc:
+        vae_cache = StateTracker.get_vaecache(id=data_backend_id)
+        bad = _unreadable_entry(vae_cache, filepaths) if vae_cache is not None else None
+        if bad is None:
+            raise
+        filepath, problem = bad
+        cache_file = _cache_file(vae_cache, filepath)
+        raise corrupt_latent_error(vae_cache, data_backend_id, filepath, cache_file, problem) from exc
+    for filepath, entry in zip(filepaths, latents, strict=False):
+        tensor = _latent_tensor(entry)
+        if tensor is not None and bool(torch.isfinite(tensor).all()):
+            continue
+        vae_cache = StateTracker.get_vaecache(id=data_backend_id)
+        if tensor is None:
+            problem = "unreadable (the cache returned no tensor)"
+        else:
+            bad = int((~torch.isfinite(tensor)).sum())
+            problem = f"{bad} of {tensor.numel()} values are NaN or inf"
+        raise corrupt_latent_error(vae_cache, data_backend_id, str(filepath), _cache_file(vae_cache, filepath), problem)
+    return latents
+
+
+def install_latent_check(collate: Any) -> None:
+    """Route the host's ``collate.compute_latents`` through :func:`checked_latents` for our family.
+
+    ``compute_latents`` is the one function every cached latent of a batch passes through (clips
+    and start frames, cached or on demand, with or without an accelerator). Families that do not
+    declare ``CHECKS_CACHED_LATENTS`` get the host's function unchanged.
+    """
+    original = collate.compute_latents
+    if getattr(original, "_longcat_checked", False):
+        return
+
+    def compute_latents(filepaths, data_backend_id, model):
+        if not getattr(model, "CHECKS_CACHED_LATENTS", False):
+            return original(filepaths, data_backend_id, model)
+        return checked_latents(original, filepaths, data_backend_id, model)
+
+    compute_latents._longcat_checked = True  # type: ignore[attr-defined]
+    collate.compute_latents = compute_latents
+
+
+def _non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    return [name for name, tensor in named if torch.is_tensor(tensor) and not bool(torch.isfinite(tensor).all())]
+
+
+def explain_non_finite_prediction(batch: Mapping[str, Any], weights: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Log why a prediction is NaN/inf, with the batch's files; returns the message.
+
+    Bad inputs point at the data (a cache entry); finite inputs with non-finite or huge weights
+    point at a diverged update. Called only after a non-finite output, so the scans cost nothing
+    on healthy steps.
+    """
+    inputs = ("latents", "noisy_latents", "conditioning_latents", "encoder_hidden_states", "timesteps")
+    bad_inputs = _non_finite((name, batch.get(name)) for name in inputs)
+    weights = [(name, tensor.detach()) for name, tensor in weights]
+    bad_weights = _non_finite(weights)
+    largest = max((float(tensor.abs().max()) for _, tensor in weights if tensor.numel()), default=0.0)
+    files = batch.get("filepaths")
+    files = [str(f) for f in files] if files is not None else ["(the host gave no file names)"]
+    if bad_inputs:
+        cause = f"the batch's inputs {bad_inputs} hold NaN/inf: delete these files' cache entries"
+    elif bad_weights:
+        cause = (
+            f"the inputs are finite, {len(bad_weights)} trainable weight tensors are not (e.g. "
+            f"{_names(bad_weights)}): the training diverged; lower learning_rate or set max_grad_norm, "
+            "then resume from the last checkpoint"
+        )
+    else:
+        cause = (
+            f"the inputs and the trainable weights are finite, the largest weight is {largest:.3g}: far above 1 "
+            "means the training diverged (lower learning_rate or set max_grad_norm, then resume from the last "
+            "checkpoint); otherwise the forward overflowed (check the base checkpoint and mixed_precision)"
+        )
+    message = (
+        f"LongCat-Video: non-finite prediction for {_names(files)} (dataset {batch.get('data_backend_id')!r}); {cause}"
+    )
+    logger.error("%s", message)
+    return message
+
+
+def check_lora_finite(state_dicts: Mapping[str, Any], save_directory: str, last_files: Sequence[str] | None) -> None:
+    """Refuse to write LoRA weights holding NaN/inf (``state_dicts``: the host's ``*_lora_layers`` kwargs)."""
+    tensors = [
+        (name, tensor)
+        for key, layers in state_dicts.items()
+        if key.endswith("_lora_layers") and isinstance(layers, Mapping)
+        for name, tensor in layers.items()
+    ]
+    bad = _non_finite(tensors)
+    if not bad:
+        return
+    after = f" (last batch: {_names([str(f) for f in last_files])})" if last_files else ""
+    error = LongCatVideoError(
+        where=f"LoRA weights to be saved in {save_directory}",
+        value=f"{len(bad)} of {len(tensors)} tensors hold NaN/inf, e.g. {_names(bad)}",
+        rule="a LoRA is written only with finite weights",
+        fix=f"an update overflowed after the last finite step{after}; lower learning_rate or set "
+        "max_grad_norm, then resume_from_checkpoint: latest (this save was refused, so the latest "
+        "checkpoint still holds finite weights)",
+    )
+    logger.error("%s", error)
+    raise error
