@@ -12,6 +12,7 @@ step and reports the median of the timed steps.
 Rows (ours and the built-in unless marked):
   plain          480x832x93 I2V, bf16, dense attention (PyTorch SDPA)
   plain-compiled ours only: plain with every block torch.compile'd (compile_blocks)
+  int8-quanto-compiled  ours only: int8-quanto with compiled blocks
   swap8          plain + musubi_blocks_to_swap=8 (blocks 40-47 streamed from CPU memory)
   int8-quanto    plain with the frozen DiT quantised by the host (optimum-quanto int8 weights)
   fp8-torchao    plain with the frozen DiT quantised by the host (torchao fp8 weights + activations)
@@ -53,6 +54,7 @@ except ImportError:  # running from a checkout without installing it
 ROWS: dict[str, dict] = {
     "plain": {},
     "plain-compiled": {"ours_only": True, "compile": True},
+    "int8-quanto-compiled": {"ours_only": True, "precision": "int8-quanto", "compile": True},
     "swap8": {"swap": 8},
     "int8-quanto": {"precision": "int8-quanto"},
     "fp8-torchao": {"precision": "fp8-torchao"},

@@ -148,10 +148,13 @@ _entry_points_loaded = False
 
 def _log_once(level: int, message: str, *args: Any) -> None:
     key = message % args if args else message
-    with _LOCK:
-        if key in _LOGGED:
-            return
-        _LOGGED.add(key)
+    # No lock: a set add is atomic under the GIL (a rare duplicate line is harmless), and a
+    # torch.compile'd block can trace through the seam without a graph break.
+    if key in _LOGGED or torch.compiler.is_compiling():
+        # Inside a compiled block a log call would split the graph; the same decision is
+        # logged by the first eager call (or is visible in compile_blocks' own line).
+        return
+    _LOGGED.add(key)
     logger.log(level, message, *args)
 
 
@@ -209,6 +212,8 @@ def load_entry_point_backends() -> None:
     skipped: an optional accelerator must never stop the model from loading.
     """
     global _entry_points_loaded
+    if _entry_points_loaded:  # lock-free fast path (see _log_once)
+        return
     with _LOCK:
         if _entry_points_loaded:
             return

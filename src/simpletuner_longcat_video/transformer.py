@@ -599,6 +599,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         element-wise kernels (adaLN modulation, gated residuals, rotary embedding, LoRA adds);
         compiling the block fuses them. Call it after adapters are added.
         """
+        # Settle the backend registry (entry points, availability probes) eagerly, so the traced
+        # blocks see plain lookups rather than locks and kernel probes.
+        registered_backends()
         for block in self.blocks:
             block.compile(**options)
 
