@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import check_block_swap_config, compile_blocks_requested
+from simpletuner_longcat_video.family import check_block_swap_config, check_compile_config, compile_blocks_requested
 from simpletuner_longcat_video.transformer import (
     LORA_TARGET_MODULES,
     FP32Linear,
@@ -238,3 +238,10 @@ def test_compile_option_values(raw, expected):
 def test_compile_option_refuses_other_values():
     with pytest.raises(LongCatVideoError, match=r"longcat_compile_blocks = 'yes': must be true or false"):
         compile_blocks_requested(SimpleNamespace(longcat_compile_blocks="yes"))
+
+
+def test_compiled_blocks_with_a_quanto_base_are_refused():
+    check_compile_config(SimpleNamespace(longcat_compile_blocks="true", base_model_precision="no_change"))
+    check_compile_config(SimpleNamespace(longcat_compile_blocks="false", base_model_precision="int8-quanto"))
+    with pytest.raises(LongCatVideoError, match=r"longcat_compile_blocks = .*int8-quanto.*cannot trace optimum-quanto"):
+        check_compile_config(SimpleNamespace(longcat_compile_blocks="true", base_model_precision="int8-quanto"))

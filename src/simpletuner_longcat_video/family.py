@@ -110,6 +110,7 @@ class LongCatVideo(VideoModelFoundation):
         super().check_user_config()
         data.check_training_config(self.config)
         check_block_swap_config(self.config, self.accelerator.device)
+        check_compile_config(self.config)
 
     # Image-to-video: start frames come from a paired conditioning dataset, VAE-encoded by the
     # host into their own cache and handed to the batch as conditioning latents.
@@ -385,6 +386,18 @@ def compile_blocks_requested(config: object) -> bool:
             fix="set it to true to torch.compile the DiT blocks, or leave it out",
         )
     return value == "true"
+
+
+def check_compile_config(config: object) -> None:
+    """Compiled blocks cannot carry optimum-quanto weights (refused before anything loads)."""
+    precision = str(getattr(config, "base_model_precision", "") or "")
+    if compile_blocks_requested(config) and "quanto" in precision:
+        raise LongCatVideoError(
+            where="longcat_compile_blocks",
+            value=f"true with base_model_precision {precision!r}",
+            rule="torch.compile cannot trace optimum-quanto weights (on an H100 it fails at the first step)",
+            fix="leave longcat_compile_blocks out when you train on a quanto-quantised base, or drop the quantisation",
+        )
 
 
 def checkpoint_depth(path: str | None) -> int:

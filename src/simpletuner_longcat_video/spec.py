@@ -137,7 +137,7 @@ CONFIG_OPTIONS = (
         str,
         "false",
         "LongCat-Video: torch.compile each DiT block (true/false); fuses the float32 element-wise work, "
-        "measured 18.08 -> 14.05 s per 480x832x93 LoRA step on an H100 (docs/memory.md); the first step "
+        "measured 18.08 -> 13.94 s per 480x832x93 LoRA step on an H100 (docs/memory.md); the first step "
         "pays the compile time",
         ("true", "false"),
     ),
