@@ -5,12 +5,12 @@ SHELL := /bin/bash
 ENV_DIR = $$(tools/env.sh)
 RUN = tools/in_env.sh
 
-.PHONY: demo test test-fast lint env install bench-startup lock
+.PHONY: demo test test-fast lint env install browser bench-startup lock
 
 demo: install
 	$(RUN) python examples/demo.py
 
-test: install
+test: install browser
 	$(RUN) pytest -q
 
 test-fast: install
@@ -25,6 +25,10 @@ env:
 
 install: env
 	@tools/install.sh
+
+# Chromium and the web UI's npm packages for tests/test_webui.py (installed only when missing).
+browser:
+	@tools/browser.sh
 
 bench-startup: install
 	$(RUN) python benchmarks/startup.py

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 
-from simpletuner_longcat_video.data import check_datasets, check_frames, check_training_config, parse_resolutions
+from simpletuner_longcat_video.data import (
+    check_datasets,
+    check_frames,
+    check_training_config,
+    has_validation_start_images,
+    parse_resolutions,
+)
 from simpletuner_longcat_video.errors import LongCatVideoError
 
 
@@ -109,3 +116,24 @@ def test_training_config_rules():
     with pytest.raises(LongCatVideoError, match="validation_num_video_frames = 82"):
         check_training_config(SimpleNamespace(validation_num_video_frames=82))
     assert parse_resolutions("832x480,512") == [(832, 480), (512, 512)]
+
+
+START = [{"path": "/data/start.png", "prompt": "a red square slides"}]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ("None", False),
+        ("[]", False),
+        ([], False),
+        (START, True),  # a config file's list
+        (json.dumps(START), True),  # the WebUI's JSON text field
+        ("[{not json", True),  # malformed: left to the host, which names --validation_input
+    ],
+)
+def test_validation_start_images_are_recognised_in_both_shapes(value, expected):
+    assert has_validation_start_images(SimpleNamespace(validation_input=value)) is expected
+    assert has_validation_start_images(SimpleNamespace()) is False

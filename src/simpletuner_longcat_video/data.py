@@ -21,6 +21,7 @@ Rules (from the quickstart, decided here once):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -122,6 +123,24 @@ def check_training_config(config: object) -> None:
 def validation_num_frames(config: object) -> int:
     frames = getattr(config, "validation_num_video_frames", None)
     return spec.DEFAULT_NUM_FRAMES if frames is None else check_frames(frames, "validation_num_video_frames")
+
+
+def has_validation_start_images(config: object) -> bool:
+    """True when the config names validation start images by path (the host's ``validation_input``).
+
+    The host's WebUI stores that field ("Validation Input Images") as a JSON list of
+    ``{"path", "prompt"}`` objects; a config file may hold the list itself.
+    """
+    value = getattr(config, "validation_input", None)
+    if isinstance(value, str):
+        value = value.strip()
+        if value in ("", "None"):
+            return False
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return True  # malformed: the host's own check names the option when it reads the list
+    return bool(value)
 
 
 def pair_key(path: str, root: str | None) -> str:

@@ -129,6 +129,14 @@ class LongCatVideo(VideoModelFoundation):
     def requires_validation_i2v_samples(self) -> bool:
         return bool(getattr(self.config, "validation_using_datasets", False))
 
+    def requires_conditioning_validation_inputs(self) -> bool:
+        # Start frames given by path (validation_input, the WebUI's "Validation Input Images") must
+        # take the host's sizing branch for conditioned inputs: SimpleTuner 4.10.1's validate_prompt
+        # sets the output size for an input image only on that branch and otherwise fails with
+        # UnboundLocalError. Without such inputs the answer stays False, so T2V validation and the
+        # eval-split I2V validation keep the host's usual paths.
+        return data.has_validation_start_images(self.config)
+
     def configure_data_signals(self, **signals: bool) -> None:
         # Called by the host's data factory once every dataset is configured and connected:
         # the last moment before training, and the first at which both file lists are known.
