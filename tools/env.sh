@@ -40,11 +40,14 @@ rm -rf "$env_dir"
     "$env_dir/bin/python" -m pip install --quiet --upgrade pip
     "$env_dir/bin/python" -m pip install --quiet -c "$root/constraints.txt" -r "$root/requirements-env.txt"
 )
-"$env_dir/bin/python" - <<'PY'
+# From a neutral folder: the checkout's top-level kernels/ would shadow the PyPI package `kernels`
+# that transformers imports (python reads the script from stdin with the cwd on sys.path).
+(cd "${TMPDIR:-/tmp}" && "$env_dir/bin/python" - <<'PY'
 # Fail the build now, not in the first test, if the known-bad combinations slipped in.
 import torchvision.ops  # noqa: F401  (torchvision::nms must register)
 import transformers, diffusers, simpletuner.helpers.models.registry  # noqa: F401,E401
 PY
+)
 end=$(date +%s)
 size=$(du -sh "$env_dir" | cut -f1)
 printf 'built %s in %ss, %s\n' "$(date -Is)" "$((end - start))" "$size" > "$env_dir/.build-info"
