@@ -42,10 +42,13 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .context_parallel import FrameShard
 
 logger = logging.getLogger("simpletuner_longcat_video.attention")
 
@@ -104,17 +107,28 @@ class AttentionContext:
     """What one transformer forward tells the seam about its tokens.
 
     ``grid`` is the latent token grid ``(T, H, W)`` after patchify; the sequence is laid out
-    frame-major, so the first ``num_cond_tokens`` tokens are whole condition frames.
+    frame-major, so the first ``num_cond_tokens`` tokens are whole condition frames. With context
+    parallelism ``shard`` says which frames this rank holds: ``grid`` and ``num_cond_tokens`` still
+    describe the whole sequence, the ``local_*`` properties this rank's part.
     """
 
     grid: Grid
     num_cond_tokens: int = 0
     options: AttentionOptions = field(default_factory=AttentionOptions)
+    shard: FrameShard | None = None
 
     @property
     def num_tokens(self) -> int:
         t, h, w = self.grid
         return t * h * w
+
+    @property
+    def local_frames(self) -> int:
+        return self.grid[0] if self.shard is None else self.shard.local_frames
+
+    @property
+    def local_cond_tokens(self) -> int:
+        return self.num_cond_tokens if self.shard is None else self.shard.local_cond_tokens(self.num_cond_tokens)
 
 
 @dataclass
@@ -354,9 +368,21 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contex
     """Video self-attention with the image-to-video split, through the selected backend.
 
     ``q``/``k``/``v`` are ``[B, heads, S, D]`` with ``S == T*H*W`` of ``context.grid``. Returns
-    ``[B, heads, S, D]``.
+    ``[B, heads, S, D]``. Under context parallelism they hold this rank's tokens only; an
+    all-to-all over heads makes the sequence whole around the backend call.
     """
     _check_qkv(q, k, v)
+    shard = context.shard
+    if shard is None:
+        return _dispatch_whole(q, k, v, context)
+    local = shard.token_counts[shard.rank]
+    if q.shape[2] != local or k.shape[2] != local:
+        raise ValueError(f"attention sequence {q.shape[2]} (keys {k.shape[2]}) is not this rank's {local} tokens")
+    q, k, v = shard.seq_to_heads(torch.stack((q, k, v))).unbind(0)
+    return shard.heads_to_seq(_dispatch_whole(q, k, v, context))
+
+
+def _dispatch_whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext) -> torch.Tensor:
     t, h, w = context.grid
     seq = q.shape[2]
     if seq != t * h * w or k.shape[2] != seq:

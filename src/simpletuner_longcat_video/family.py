@@ -111,6 +111,7 @@ class LongCatVideo(VideoModelFoundation):
         data.check_training_config(self.config)
         check_block_swap_config(self.config, self.accelerator.device)
         check_compile_config(self.config)
+        check_context_parallel_config(self.config)
 
     # Image-to-video: start frames come from a paired conditioning dataset, VAE-encoded by the
     # host into their own cache and handed to the batch as conditioning latents.
@@ -408,16 +409,49 @@ def check_compile_config(config: object) -> None:
         )
 
 
-def checkpoint_depth(path: str | None) -> int:
-    """The DiT's block count from a local checkpoint's dit/config.json (48 for the hub id)."""
+def _dit_config_value(path: str | None, key: str, default: int) -> int:
     import json
 
     if path:
         config_file = os.path.join(os.path.expanduser(path), spec.DIT_SUBFOLDER, "config.json")
         if os.path.isfile(config_file):
             with open(config_file) as handle:
-                return int(json.load(handle).get("depth", spec.NUM_BLOCKS))
-    return spec.NUM_BLOCKS
+                return int(json.load(handle).get(key, default))
+    return default
+
+
+def checkpoint_depth(path: str | None) -> int:
+    """The DiT's block count from a local checkpoint's dit/config.json (48 for the hub id)."""
+    return _dit_config_value(path, "depth", spec.NUM_BLOCKS)
+
+
+def check_context_parallel_config(config: object) -> None:
+    """``context_parallel_size`` must divide the DiT's heads (checked before any weight loads)."""
+    raw = getattr(config, "context_parallel_size", None)
+    if raw in (None, "", "None"):
+        return
+    size = int(raw)
+    if size <= 1:
+        return
+    heads = _dit_config_value(getattr(config, "pretrained_model_name_or_path", None), "num_heads", spec.NUM_HEADS)
+    if heads % size:
+        raise LongCatVideoError(
+            where="context_parallel_size",
+            value=size,
+            rule=f"the all-to-all over heads gives every rank heads/{size}; the DiT has {heads} heads",
+            fix=f"use a size that divides {heads} (2, 4 or 8 for the official model)",
+        )
+    frames = getattr(config, "validation_num_video_frames", None)
+    if frames:
+        latent = (int(frames) - 1) // 4 + 1
+        if latent < size:
+            raise LongCatVideoError(
+                where="validation_num_video_frames",
+                value=frames,
+                rule=f"context parallelism gives each of the {size} ranks whole latent frames; "
+                f"{frames} frames are {latent} latent frames",
+                fix=f"render at least {4 * (size - 1) + 1} frames, or lower context_parallel_size",
+            )
 
 
 def check_block_swap_config(config: object, compute_device: torch.device | str) -> None:

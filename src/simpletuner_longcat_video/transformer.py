@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -38,6 +39,7 @@ from .attention import (
     dispatch_cross_attention,
     registered_backends,
 )
+from .context_parallel import FrameShard
 from .errors import LongCatVideoError, listed
 
 logger = logging.getLogger(__name__)
@@ -351,7 +353,7 @@ class LongCatVideoTransformerBlock(nn.Module):
         rope_sin: torch.Tensor,
         context: AttentionContext,
     ) -> torch.Tensor:
-        frames = context.grid[0]
+        frames = context.local_frames
         mod = self.adaLN_modulation(temb).unsqueeze(2)  # [B, T, 1, 6C], float32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
 
@@ -360,7 +362,7 @@ class LongCatVideoTransformerBlock(nn.Module):
         x = _gated_add(x, self.attn(attn_in, (rope_cos, rope_sin), context), gate_msa, frames)
 
         # Condition tokens get no text: their output must not depend on the prompt.
-        n_cond = context.num_cond_tokens
+        n_cond = context.local_cond_tokens
         noisy = x[:, n_cond:] if n_cond else x
         noisy = noisy + self.cross_attn(self.pre_crs_attn_norm(noisy), encoder_hidden_states, encoder_mask)
         x = torch.cat([x[:, :n_cond], noisy], dim=1) if n_cond else noisy
@@ -432,8 +434,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     The config fields are those of the official ``dit/config.json``. ``enable_flashattn2/3``,
     ``enable_xformers``, ``enable_bsa`` and ``bsa_params`` only seed :attr:`attention_options`
-    (see :meth:`set_attention_options`); ``cp_split_hw`` (context parallelism) must be unset or
-    ``[1, 1]``. ``text_tokens_zero_pad`` follows upstream: when true, padded text tokens are
+    (see :meth:`set_attention_options`); ``cp_split_hw`` (upstream's inference-time spatial
+    split) must be unset or ``[1, 1]``: context parallelism here is :meth:`enable_context_parallel`. ``text_tokens_zero_pad`` follows upstream: when true, padded text tokens are
     zeroed after the caption projection and then attended to like real tokens, so prompts must
     be padded to the inference length (512) and the mask passed; when false, padded tokens are
     masked out of cross-attention exactly and the padding length does not matter.
@@ -442,6 +444,10 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["LongCatVideoTransformerBlock"]
     _repeated_blocks = ["LongCatVideoTransformerBlock"]
+    # SimpleTuner's context parallelism asks for a diffusers plan and calls enable_parallelism().
+    # The plan is empty on purpose: diffusers' hooks split tokens evenly, ignoring frame
+    # boundaries; this model splits by whole frames itself (see enable_parallelism below).
+    _cp_plan: dict = {}
     # Small or precision-critical pieces stay out of fp8 layerwise storage.
     _skip_layerwise_casting_patterns = [
         "x_embedder",
@@ -529,8 +535,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise LongCatVideoError(
                 where="dit config cp_split_hw",
                 value=cp_split_hw,
-                rule="context parallelism is not implemented by this transformer",
-                fix="leave cp_split_hw unset (or [1, 1])",
+                rule="upstream's spatial inference split is not used by this transformer",
+                fix="leave cp_split_hw unset (or [1, 1]); for context parallelism set the trainer's "
+                "context_parallel_size",
             )
         self.patch_size = patch_size
         self.out_channels = out_channels
@@ -547,6 +554,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.gradient_checkpointing = False
         self._checkpoint_backend = "torch"
         self._musubi_block_swap = None  # the host's MusubiBlockSwapManager, found by this name
+        self._cp_group = None  # torch.distributed group sharing one sample's frames
         self.attention_options = _options_from_legacy_config(
             enable_flashattn3, enable_flashattn2, enable_xformers, enable_bsa, bsa_params
         )
@@ -604,6 +612,53 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         registered_backends()
         for block in self.blocks:
             block.compile(**options)
+
+    def enable_context_parallel(self, group: Any | None) -> None:
+        """Split every sample's latent frames between the ranks of ``group`` (``None`` turns it off).
+
+        All ranks of the group must call forward with the same inputs; each computes its frames,
+        self-attention is made whole by an all-to-all over heads, and every rank returns the whole
+        prediction. See :mod:`simpletuner_longcat_video.context_parallel` for the gradient rule.
+        """
+        if group is not None and self.config.num_heads % dist.get_world_size(group):
+            raise LongCatVideoError(
+                where="context_parallel_size",
+                value=dist.get_world_size(group),
+                rule=f"the all-to-all over heads needs a size that divides the model's {self.config.num_heads} heads",
+                fix="use 2, 4 or 8 ranks per sample (the official model has 32 heads)",
+            )
+        self._cp_group = group
+
+    def enable_parallelism(self, *, config: Any, cp_plan: dict | None = None) -> None:
+        """SimpleTuner's context-parallel entry point: take the group from its device mesh.
+
+        diffusers' own version installs token-splitting hooks and places the mesh on an
+        accelerator device (it fails on CPU); this model needs neither, only the process group.
+        Both of the host's rotations (``allgather`` and ``alltoall``) run as the all-to-all over
+        heads here: the result is the same and every rank holds only its share of the keys.
+        """
+        cp_config = getattr(config, "context_parallel_config", config)
+        if getattr(config, "tensor_parallel_config", None) is not None or not hasattr(cp_config, "ulysses_degree"):
+            raise LongCatVideoError(
+                where="parallelism config",
+                value=type(config).__name__,
+                rule="LongCat-Video supports context parallelism only (no tensor parallelism)",
+                fix="use context_parallel_size, data parallelism or FSDP2",
+            )
+        mesh = cp_config.mesh
+        if mesh is None:
+            raise LongCatVideoError(
+                where="context parallel config",
+                value="mesh=None",
+                rule="the trainer must pass the device mesh holding the 'ring' and 'ulysses' dimensions",
+                fix="let SimpleTuner set it up through context_parallel_size",
+            )
+        axis = "ulysses" if cp_config.ulysses_degree > 1 else "ring"
+        self.enable_context_parallel(mesh[axis].get_group())
+        logger.info(
+            "context parallelism: %d ranks per sample, frames split between them, all-to-all over heads",
+            dist.get_world_size(self._cp_group),
+        )
 
     def set_gradient_checkpointing_backend(self, backend: str) -> None:
         """Host hook: ``"torch"`` recomputes each block; ``"unsloth"`` also parks the saved block
@@ -738,8 +793,17 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         x = self.x_embedder(hidden_states.to(dtype))
         rope_cos, rope_sin = self.rope(grid, device)
+        shard = None if self._cp_group is None else FrameShard.for_grid(self._cp_group, grid)
+        if shard is not None:
+            # Everything before this point is replicated on the group's ranks; keep our frames.
+            x = shard.split(x, 1)
+            temb = shard.split(temb, 1)
+            rope_cos, rope_sin = shard.split(rope_cos, 0), shard.split(rope_sin, 0)
         context = AttentionContext(
-            grid=grid, num_cond_tokens=num_cond_latents * grid[1] * grid[2], options=self.attention_options
+            grid=grid,
+            num_cond_tokens=num_cond_latents * grid[1] * grid[2],
+            options=self.attention_options,
+            shard=shard,
         )
 
         grad = torch.is_grad_enabled()
@@ -757,7 +821,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if streamed:
                 swap.stream_out(block)
 
-        x = self.final_layer(x, temb, grid[0])
+        x = self.final_layer(x, temb, context.local_frames)
+        if shard is not None:
+            x = shard.gather(x)
         out = self._unpatchify(x, grid).float()
         if not return_dict:
             return (out,)
