@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels (diffusers, peft, this package),
 # then run the block-sparse correctness script and the benchmarks. Output tables land in $OUT.
-# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|train|all] [train rows]
+# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|train|multi|all] [train rows | multi modes]
+# `multi` needs the nvidia-h200-x2 kind (two GPUs of one host).
 set -uo pipefail
 what=${1:-all}
 export PYTHONUNBUFFERED=1
@@ -23,6 +24,12 @@ if [[ $what == train ]]; then
     # The built-in comparison imports SimpleTuner, so its wheel and the few imports the GPU image
     # lacks (boto3 & co, optimum-quanto, torchao) travel in .whl too.
     python3 "$repo/benchmarks/train_step.py" --rows "${2:-plain,swap8}" ${3:-} 2>&1 | tee "$OUT/train_step.txt" || status=1
+fi
+if [[ $what == multi ]]; then
+    # NVLink multicast stays off in every NCCL launch (multi_gpu.py sets these for its children too).
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    nvidia-smi topo -m | head -5
+    python3 "$repo/benchmarks/multi_gpu.py" --modes "${2:-single-480,ddp,fsdp2,single-720,cp2}" 2>&1 | tee "$OUT/multi_gpu.txt" || status=1
 fi
 if [[ $what == pipeline || $what == all ]]; then
     python3 "$repo/benchmarks/gpu_check_pipeline.py" 2>&1 | tee "$OUT/gpu_check_pipeline.txt" || status=1
