@@ -157,9 +157,37 @@ def find_pairing_problems(clips: Iterable[str], frames: Iterable[str]) -> tuple[
 
 def _files_of(backend: dict) -> list[str]:
     """The files the host will use from a configured dataset: its bucketed file list."""
+    everywhere = _FILES_ON_EVERY_RANK.get(backend.get("id"))
+    if everywhere is not None:
+        return everywhere
     metadata = backend.get("metadata_backend")
     indices = getattr(metadata, "aspect_ratio_bucket_indices", None) or {}
     return [path for paths in indices.values() for path in paths]
+
+
+# Dataset id -> the union of every rank's file list, for the check in progress (see below).
+_FILES_ON_EVERY_RANK: dict[str, list[str]] = {}
+
+
+def _share_file_lists(backends: dict) -> None:
+    """With several processes, give every dataset the union of all ranks' file lists.
+
+    Without an eval split SimpleTuner 4.10.1 divides each dataset between the ranks at configure
+    time, clips and start frames independently, so one rank's clips and start frames do not pair
+    even when the folders do. The rules are about the folders, so they see every rank's share.
+    """
+    import torch.distributed as dist
+
+    _FILES_ON_EVERY_RANK.clear()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    mine = {backend_id: _files_of(backend) for backend_id, backend in backends.items()}
+    # Keyed by the dataset's own id: conditioning datasets are reached through their clip dataset.
+    shares: list[dict[str, list[str]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    for backend_id, backend in backends.items():
+        union = {path for share in shares for path in (share or {}).get(backend_id, [])}
+        _FILES_ON_EVERY_RANK[backend.get("id", backend_id)] = sorted(union)
 
 
 def _marked_i2v(settings: dict) -> bool:
@@ -178,6 +206,7 @@ def check_datasets(config: object, backends: dict | None = None) -> None:
 
         backends = getattr(StateTracker, "data_backends", {}) or {}
     source = getattr(config, "data_backend_config", None) or "the data backend config"
+    _share_file_lists(backends)
     problems: list[LongCatVideoError] = []
     for backend_id, backend in backends.items():
         try:

@@ -112,6 +112,7 @@ class LongCatVideo(VideoModelFoundation):
         check_block_swap_config(self.config, self.accelerator.device)
         check_compile_config(self.config)
         check_context_parallel_config(self.config)
+        warn_fsdp_inactive(self.config, self.accelerator)
 
     # Image-to-video: start frames come from a paired conditioning dataset, VAE-encoded by the
     # host into their own cache and handed to the batch as conditioning latents.
@@ -452,6 +453,31 @@ def check_context_parallel_config(config: object) -> None:
                 f"{frames} frames are {latent} latent frames",
                 fix=f"render at least {4 * (size - 1) + 1} frames, or lower context_parallel_size",
             )
+
+
+def warn_fsdp_inactive(config: object, accelerator: Any) -> str | None:
+    """Warn (and return the message) when ``fsdp_enable`` is set but accelerate did not turn FSDP on.
+
+    accelerate 1.x only switches a run to FSDP from a multi-*accelerator* setup (``MULTI_GPU``,
+    ``MULTI_XPU``, ...; ``accelerate/state.py``, ``AcceleratorState.__init__``): a CPU run with
+    ``ACCELERATE_USE_CPU=1`` stays ``MULTI_CPU`` and trains with plain DDP, every rank holding the
+    whole DiT. SimpleTuner 4.10.1 says nothing about it, so a user sizing memory for a sharded
+    model would be misled.
+    """
+    if not getattr(config, "fsdp_enable", False) or accelerator is None:
+        return None
+    distributed_type = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+    if distributed_type == "FSDP":
+        return None
+    message = (
+        f"LongCat-Video: fsdp_enable is set, but accelerate runs this job as {distributed_type or 'NO'}, "
+        "not FSDP: every process holds the whole DiT (no sharding). accelerate enables FSDP only for "
+        "multi-GPU/accelerator runs, never for MULTI_CPU (gloo) or a single process; on CPU this run "
+        "trains with DDP instead"
+    )
+    if getattr(accelerator, "is_main_process", True):
+        logger.warning("%s", message)
+    return message
 
 
 def check_block_swap_config(config: object, compute_device: torch.device | str) -> None:

@@ -43,15 +43,29 @@ def _cache_file(vae_cache: Any, filepath: str) -> str:
     return str(vae_cache.generate_vae_cache_filename(filepath)[0])
 
 
+def _move_aside(cache_file: str, moved: str) -> bool:
+    """Move ``cache_file`` to ``moved``; true when it is there now, by this process or another.
+
+    Under multi-process training two ranks can hold the same sample (padded buckets) and refuse
+    it at once: the rename is atomic, so exactly one of them moves the file and the other finds
+    it gone. A check-then-rename would make the slower rank crash on FileNotFoundError or
+    tell the user that SimpleTuner deleted a file that is in fact waiting under ``moved``.
+    """
+    try:
+        os.replace(cache_file, moved)
+    except FileNotFoundError:
+        pass
+    return os.path.exists(moved) and not os.path.exists(cache_file)
+
+
 def corrupt_latent_error(
     vae_cache: Any, data_backend_id: str, filepath: str, cache_file: str, problem: str
 ) -> LongCatVideoError:
     """The named refusal for one bad cache entry; a local entry is moved aside first."""
     local = getattr(getattr(vae_cache, "cache_data_backend", None), "type", None) == "local"
     again = "start the run again (with resume_from_checkpoint: latest to keep the steps done)"
-    if local and os.path.exists(cache_file):
-        moved = cache_file + QUARANTINE_SUFFIX
-        os.replace(cache_file, moved)
+    moved = cache_file + QUARANTINE_SUFFIX
+    if local and _move_aside(cache_file, moved):
         fix = f"it was moved to {moved}; {again} and SimpleTuner re-encodes it from {filepath}"
     elif local:
         fix = f"SimpleTuner already deleted it; {again} and it is re-encoded from {filepath}"

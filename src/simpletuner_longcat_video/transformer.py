@@ -326,7 +326,8 @@ def _gated_add(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, frames
     # Residual add with a per-frame float32 gate; summed in float32 and rounded once, as upstream.
     b, n, c = x.shape
     out = x.view(b, frames, n // frames, c).float() + gate * update.view(b, frames, n // frames, c).float()
-    return out.to(x.dtype).view(b, n, c)
+    # Cast last: in bf16 the block then returns a fresh tensor, not a view (FSDP2 warns on views).
+    return out.view(b, n, c).to(x.dtype)
 
 
 class LongCatVideoTransformerBlock(nn.Module):
