@@ -29,7 +29,7 @@ if [[ $what == multi ]]; then
     # NVLink multicast stays off in every NCCL launch (multi_gpu.py sets these for its children too).
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     nvidia-smi topo -m | head -5
-    python3 "$repo/benchmarks/multi_gpu.py" --modes "${2:-single-480,ddp,fsdp2,single-720,cp2}" 2>&1 | tee "$OUT/multi_gpu.txt" || status=1
+    python3 "$repo/benchmarks/multi_gpu.py" --modes "${2:-single-480,ddp,fsdp2,single-720,cp2}" ${3:-} 2>&1 | tee "$OUT/multi_gpu.txt" || status=1
 fi
 if [[ $what == pipeline || $what == all ]]; then
     python3 "$repo/benchmarks/gpu_check_pipeline.py" 2>&1 | tee "$OUT/gpu_check_pipeline.txt" || status=1

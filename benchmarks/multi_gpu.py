@@ -62,6 +62,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU with gloo")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="every mode with the host's 'unsloth' activation offload (one H100 cannot hold a 720p dense step without it)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -108,7 +113,7 @@ def worker(mode: str, args: argparse.Namespace) -> None:
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build("ours", full_config(args.tiny), {}, device, dtype, args.lora_rank)
+    model = build("ours", full_config(args.tiny), {"offload": args.offload}, device, dtype, args.lora_rank)
     if spec.get("cp"):
         model.enable_context_parallel(dist.group.WORLD)
     wrapped = _wrap(model, spec.get("wrap"), device)
@@ -174,6 +179,7 @@ def launch(mode: str, args: argparse.Namespace) -> dict:
         str(args.frames),
     ]
     command += ["--lora-rank", str(args.lora_rank)] + (["--tiny"] if args.tiny else [])
+    command += ["--offload"] if args.offload else []
     env = {**os.environ, **NCCL_SAFE_ENV}
     started = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd="/tmp")
@@ -184,7 +190,7 @@ def launch(mode: str, args: argparse.Namespace) -> dict:
         return {
             "mode": mode,
             "gpus": spec["gpus"],
-            "error": tail.strip().splitlines()[-1][:200] if tail else "no output",
+            "error": ([line for line in tail.splitlines() if "Error" in line] or ["no result"])[-1][:200],
         }
     result = json.loads(lines[-1].removeprefix("RESULT "))
     result["launch_s"] = time.perf_counter() - started
