@@ -103,15 +103,9 @@ class FrameShard:
 
     def seq_to_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """``[N, B, heads, S_r, D]`` local tokens of all heads -> ``[N, B, heads/P, S, D]`` all tokens of own heads."""
+        # Heads divide by the group size: enable_context_parallel checked it when the group was set.
         n, b, heads, _, d = qkv.shape
         world = self.world
-        if heads % world:
-            raise LongCatVideoError(
-                where="context_parallel_size",
-                value=world,
-                rule=f"the all-to-all over heads gives every rank heads/{world}; the model has {heads} heads",
-                fix=f"use a context-parallel size that divides {heads}",
-            )
         longest = max(self.token_counts)
         x = _pad_tokens(qkv, longest)
         # Chunk j of dim 0 goes to rank j: head group j of every local token.

@@ -155,22 +155,15 @@ def find_pairing_problems(clips: Iterable[str], frames: Iterable[str]) -> tuple[
     return sorted(clip_keys - frame_keys), sorted(frame_keys - clip_keys)
 
 
-def _files_of(backend: dict) -> list[str]:
-    """The files the host will use from a configured dataset: its bucketed file list."""
-    everywhere = _FILES_ON_EVERY_RANK.get(backend.get("id"))
-    if everywhere is not None:
-        return everywhere
+def _rank_files(backend: dict) -> list[str]:
+    """The files the host will use from a configured dataset on this rank: its bucketed file list."""
     metadata = backend.get("metadata_backend")
     indices = getattr(metadata, "aspect_ratio_bucket_indices", None) or {}
     return [path for paths in indices.values() for path in paths]
 
 
-# Dataset id -> the union of every rank's file list, for the check in progress (see below).
-_FILES_ON_EVERY_RANK: dict[str, list[str]] = {}
-
-
-def _share_file_lists(backends: dict) -> None:
-    """With several processes, give every dataset the union of all ranks' file lists.
+def _file_lists(backends: dict) -> dict[str, list[str]]:
+    """Dataset id -> its files, the union of every rank's share when several processes run.
 
     Without an eval split SimpleTuner 4.10.1 divides each dataset between the ranks at configure
     time, clips and start frames independently, so one rank's clips and start frames do not pair
@@ -178,16 +171,13 @@ def _share_file_lists(backends: dict) -> None:
     """
     import torch.distributed as dist
 
-    _FILES_ON_EVERY_RANK.clear()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    mine = {backend_id: _files_of(backend) for backend_id, backend in backends.items()}
     # Keyed by the dataset's own id: conditioning datasets are reached through their clip dataset.
+    mine = {backend.get("id", backend_id): _rank_files(backend) for backend_id, backend in backends.items()}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return mine
     shares: list[dict[str, list[str]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, mine)
-    for backend_id, backend in backends.items():
-        union = {path for share in shares for path in (share or {}).get(backend_id, [])}
-        _FILES_ON_EVERY_RANK[backend.get("id", backend_id)] = sorted(union)
+    return {key: sorted({path for share in shares for path in (share or {}).get(key, [])}) for key in mine}
 
 
 def _marked_i2v(settings: dict) -> bool:
@@ -206,11 +196,11 @@ def check_datasets(config: object, backends: dict | None = None) -> None:
 
         backends = getattr(StateTracker, "data_backends", {}) or {}
     source = getattr(config, "data_backend_config", None) or "the data backend config"
-    _share_file_lists(backends)
+    files = _file_lists(backends)
     problems: list[LongCatVideoError] = []
     for backend_id, backend in backends.items():
         try:
-            _check_dataset(source, backend_id, backend, problems)
+            _check_dataset(source, backend_id, backend, files, problems)
         except LongCatVideoError as error:
             problems.append(error)
     if len(problems) == 1:
@@ -225,7 +215,9 @@ def check_datasets(config: object, backends: dict | None = None) -> None:
         )
 
 
-def _check_dataset(source: str, backend_id: str, backend: dict, problems: list[LongCatVideoError]) -> None:
+def _check_dataset(
+    source: str, backend_id: str, backend: dict, file_lists: dict[str, list[str]], problems: list[LongCatVideoError]
+) -> None:
     """One dataset's rules. A problem that leaves the rest checkable goes to ``problems``; one that
     makes the rest meaningless (not a video dataset, broken pairing) is raised."""
     settings = backend.get("config") or {}
@@ -249,7 +241,7 @@ def _check_dataset(source: str, backend_id: str, backend: dict, problems: list[L
             except LongCatVideoError as error:
                 problems.append(error)
     clip_root = settings.get("instance_data_dir")
-    files = _files_of(backend)
+    files = file_lists[backend.get("id", backend_id)]
     where = f"{source}: dataset {backend_id!r} ({clip_root})"
     left_out = data_files.scan_left_out(clip_root, files, video.get("min_frames"), video.get("num_frames"))
     for check, args in (
@@ -269,7 +261,7 @@ def _check_dataset(source: str, backend_id: str, backend: dict, problems: list[L
     clip_keys = {pair_key(path, clip_root): path for path in [*files, *refused]}
     skipped = {pair_key(path, clip_root) for path in left_out.filtered}
     for cond in conditioning:
-        _check_pair(source, backend_id, clip_root, clip_keys, cond, skipped)
+        _check_pair(source, backend_id, clip_root, clip_keys, cond, file_lists, skipped)
 
 
 def _pairing_problems(
@@ -295,12 +287,19 @@ def _pairing_problems(
 
 
 def _check_pair(
-    source: str, clip_id: str, clip_root: str | None, clip_keys: dict[str, str], cond: dict, skipped: set[str]
+    source: str,
+    clip_id: str,
+    clip_root: str | None,
+    clip_keys: dict[str, str],
+    cond: dict,
+    file_lists: dict[str, list[str]],
+    skipped: set[str],
 ) -> None:
     cond_id = cond.get("id")
     cond_settings = cond.get("config") or {}
     cond_root = cond_settings.get("instance_data_dir")
-    frame_paths = _files_of(cond)
+    # A conditioning dataset the host did not list on its own (unit tests build such dicts) is read here.
+    frame_paths = file_lists[cond_id] if cond_id in file_lists else _rank_files(cond)
     frame_keys = {pair_key(path, cond_root): path for path in frame_paths}
     missing, extra = find_pairing_problems(clip_keys, frame_keys)
     if missing or extra:

@@ -444,14 +444,15 @@ def check_context_parallel_config(config: object) -> None:
         )
     frames = getattr(config, "validation_num_video_frames", None)
     if frames:
-        latent = (int(frames) - 1) // 4 + 1
+        latent = spec.FRAME_RULE.latent_frames(int(frames))
         if latent < size:
             raise LongCatVideoError(
                 where="validation_num_video_frames",
                 value=frames,
                 rule=f"context parallelism gives each of the {size} ranks whole latent frames; "
                 f"{frames} frames are {latent} latent frames",
-                fix=f"render at least {4 * (size - 1) + 1} frames, or lower context_parallel_size",
+                fix=f"render at least {spec.VAE_TEMPORAL_COMPRESSION * (size - 1) + 1} frames, "
+                "or lower context_parallel_size",
             )
 
 
