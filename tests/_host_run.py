@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import REPO
+from conftest import load_demo
 
-
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("longcat_demo", REPO / "examples" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo()
+demo = load_demo()
 
 
 def run_host(workdir: Path, mutate: Callable[[Path], None] | None = None) -> tuple[int, str]:

@@ -17,7 +17,6 @@ forms, not the plugin. See docs/webui.md for the limits found on the way.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from browser import chromium_page, missing_setup
-from conftest import REPO, host_environ
+from conftest import host_environ, load_demo
 
 from simpletuner_longcat_video.hostserver import host_server
 
@@ -39,14 +38,7 @@ PREVIEW_FOLDER = "previews"
 TRAINING_TIMEOUT = 420
 
 
-def _demo():
-    spec = importlib.util.spec_from_file_location("longcat_demo", REPO / "examples" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _demo()
+demo = load_demo()
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
