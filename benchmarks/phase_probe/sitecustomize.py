@@ -1,0 +1,124 @@
+"""Phase probe for ``benchmarks/full_size_run.py``; never on a user's path.
+
+``full_size_run.py`` puts this folder on PYTHONPATH for the host's ``simpletuner train``, so
+Python imports this file at start-up in every process of the run. With ``LONGCAT_PHASE_PROBE``
+naming a file, it waits for the modules below to execute and wraps a few of their functions: each
+wrapped call appends a start and an end event (wall time, and on CUDA the peak allocated/reserved
+memory since the previous event, after which the peak is reset) to that file as JSON lines. The
+wrapped code itself runs unchanged: host loop, family, pipeline, VAE, text encoder.
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+
+PATH = os.environ.get("LONGCAT_PHASE_PROBE")
+
+# module -> [(attribute path, event name)]
+TARGETS = {
+    "simpletuner_longcat_video.family": [
+        ("LongCatVideo.model_predict", "step"),
+        ("LongCatVideo.save_lora_weights", "lora_save"),
+    ],
+    "simpletuner_longcat_video.pipeline": [("LongCatVideoPipeline.__call__", "sampling")],
+    "simpletuner_longcat_video.transformer": [("LongCatVideoTransformer3DModel.from_pretrained", "dit_load")],
+    "accelerate.accelerator": [
+        ("Accelerator.save_state", "checkpoint_save"),
+        ("Accelerator.load_state", "resume_load"),
+    ],
+    "diffusers.models.autoencoders.autoencoder_kl_wan": [
+        ("AutoencoderKLWan.encode", "vae_encode"),
+        ("AutoencoderKLWan.decode", "vae_decode"),
+    ],
+    "transformers.models.umt5.modeling_umt5": [("UMT5EncoderModel.forward", "text_encode")],
+}
+
+
+def record(event: str, **extra) -> None:
+    entry = {"t": time.time(), "pid": os.getpid(), "event": event, **extra}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        entry["t"] = time.time()
+        entry["peak_alloc"] = torch.cuda.max_memory_allocated()
+        entry["peak_reserved"] = torch.cuda.max_memory_reserved()
+        entry["alloc"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    with open(PATH, "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _shape(value) -> list | None:
+    shape = getattr(value, "shape", None)
+    return list(shape) if shape is not None else None
+
+
+def _wrap(owner, attribute: str, event: str) -> None:
+    raw = owner.__dict__[attribute]
+    is_classmethod = isinstance(raw, classmethod)
+    function = raw.__func__ if is_classmethod else raw
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        first = args[1] if len(args) > 1 else next(iter(kwargs.values()), None)
+        record(f"{event}_start", arg=str(first)[:200] if event.endswith("save") else None, shape=_shape(first))
+        try:
+            return function(*args, **kwargs)
+        finally:
+            record(f"{event}_end")
+
+    setattr(owner, attribute, classmethod(wrapper) if is_classmethod else wrapper)
+
+
+def _instrument(module) -> None:
+    for path, event in TARGETS[module.__name__]:
+        owner_name, attribute = path.split(".")
+        _wrap(getattr(module, owner_name), attribute, event)
+
+
+class _Watcher:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in TARGETS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_instrument(module):
+            exec_module(module)
+            _instrument(module)
+
+        spec.loader.exec_module = exec_and_instrument
+        return spec
+
+
+def _chain_next_sitecustomize() -> None:
+    # This file shadows any sitecustomize of the interpreter's own; run that one too.
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        if os.path.abspath(entry or ".") == here:
+            continue
+        candidate = os.path.join(entry or ".", "sitecustomize.py")
+        if os.path.isfile(candidate):
+            spec = importlib.util.spec_from_file_location("_next_sitecustomize", candidate)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            return
+
+
+_chain_next_sitecustomize()
+if PATH:
+    sys.meta_path.insert(0, _Watcher())
+    record("process_start", argv=sys.argv[:3])
+    import atexit
+
+    atexit.register(record, "process_exit")
