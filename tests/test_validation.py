@@ -93,6 +93,16 @@ def test_an_eval_dataset_without_conditioning_data_keeps_the_clip_frame(tmp_path
     assert sample.conditioning.info[family.VALIDATION_SHORTNAME_KEY] == "longcat-video-val_0"
 
 
+def test_a_start_image_given_by_path_is_kept(tmp_path, eval_datasets):
+    given = Image.new("RGB", (64, 64), (1, 2, 3))
+    sample = host_validation.ValidationPrompt(
+        shortname="validation_input_0_start", prompt="p", conditioning=given, image_path="/my/start.png"
+    )
+    (kept,) = longcat_model(tmp_path, validation_using_datasets=True).pair_validation_start_frames([sample])
+    assert np.array_equal(np.array(kept.conditioning), np.array(given)) and not eval_datasets.lookups
+    assert kept.conditioning.info[family.VALIDATION_SHORTNAME_KEY] == "validation_input_0_start"
+
+
 def test_the_wrapped_host_function_pairs_only_for_longcat(tmp_path, monkeypatch):
     host = SimpleNamespace(retrieve_validation_images=lambda: ["host samples"])
     plugin.pair_validation_start_frames(host)

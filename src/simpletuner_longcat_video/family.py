@@ -608,7 +608,9 @@ def _with_paired_start_frame(sample: Any, model: Any) -> Any:
     from simpletuner.helpers.caching.vae import prepare_sample
 
     backend_id, clip = sample.data_backend_id, sample.image_path
-    conditioning = StateTracker.get_conditioning_datasets(backend_id) if backend_id and clip else []
+    if backend_id not in (getattr(StateTracker, "data_backends", None) or {}) or not clip:
+        return _tagged(sample)  # a start image given by path (validation_input), not an eval clip
+    conditioning = StateTracker.get_conditioning_datasets(backend_id)
     if not conditioning:
         logger.info(
             "LongCat-Video validation %s: start image = the first frame of %s (dataset %r has no conditioning_data)",
