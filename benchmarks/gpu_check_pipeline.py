@@ -46,7 +46,8 @@ def main() -> int:
     )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    encoded = pipe.encode_image([image], height, width)
+    initial, _ = pipe.prepare_latents(1, height, width, frames, image, torch.Generator("cuda").manual_seed(0))
+    encoded = initial[:, :, :1]
     fixed = all(torch.equal(step, encoded) for step in seen)
     video = out.frames
     checks = {

@@ -1,25 +1,84 @@
-"""End to end with the real host: `simpletuner train` on the tiny checkpoint and the tiny paired dataset."""
+"""End to end with the real host: `simpletuner train` on the tiny checkpoint and an edit-style paired dataset.
+
+The start frames are not the clips' first frames (as with the seed's edit instructions): each is
+the colour negative of its clip's first frame, at twice the size. The run is recorded (see
+tests/fault_injection/sitecustomize.py) so validation's start image and latents can be checked.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import hashlib
+import io
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 from _host_run import demo, run_host
+from PIL import Image
 
 pytestmark = pytest.mark.slow
+
+RECORDER = Path(__file__).resolve().parent / "fault_injection"
+VAL_CLIP = "clip_100"  # the validation split's one clip (tiny.build_tiny_dataset)
+
+
+def first_frame(clip: Path) -> np.ndarray:
+    with av.open(str(clip)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24")
+
+
+def make_edit_style(workdir: Path) -> None:
+    """Each start frame becomes the negative of its clip's first frame, 128x128 (its clip is 64x64)."""
+    root = workdir / "datasets" / "longcat-video"
+    for split in ("train", "val"):
+        for start in (root / split / "start_frames").glob("*.png"):
+            frame = first_frame(root / split / "clips" / f"{start.stem}.mp4")
+            Image.fromarray(255 - frame).resize((128, 128), Image.Resampling.NEAREST).save(start)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("i2v-train")
     demo.prepare(workdir)
-    code = demo.train(workdir, workdir / "train.log")
+    make_edit_style(workdir)
+    record = workdir / "record"
+    record.mkdir()
+    command, env = demo.host_command(workdir)
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")])),
+        LONGCAT_RECORD_DIR=str(record),
+    )
+    with (workdir / "train.log").open("w") as log:
+        code = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     log = (workdir / "train.log").read_text(errors="replace")
     return workdir, code, log, demo.summarise(workdir, log)
+
+
+def pipeline_calls(workdir: Path) -> list[dict]:
+    calls = sorted((workdir / "record").glob("pipeline_call_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return [torch.load(path, weights_only=False) for path in calls]
+
+
+def expected_start_image(workdir: Path, split: str = "val", name: str = VAL_CLIP) -> np.ndarray:
+    """The start-frame file at the 64x64 validation size."""
+    path = workdir / "datasets" / "longcat-video" / split / "start_frames" / f"{name}.png"
+    return np.array(Image.open(path).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS))
+
+
+def assert_same_picture(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to the resampling filter (the host resizes with its own Lanczos)."""
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert actual.shape == expected.shape and diff.mean() < 2.0 and np.percentile(diff, 99) < 24, (
+        f"mean {diff.mean():.1f}, p99 {np.percentile(diff, 99):.0f}"
+    )
 
 
 def test_training_run_completes_with_finite_losses(trained):
@@ -87,3 +146,94 @@ def test_text_to_video_dataset_still_trains(tmp_path):
     sampling = [line for line in log.splitlines() if "LongCat-Video sampling:" in line]
     assert sampling and all("text-to-video" in line for line in sampling)
     assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def initial_latents(pipe, call: dict, image: np.ndarray) -> torch.Tensor:
+    """What the recorded pipeline call's first step would see with ``image`` as its start image."""
+    height, width, frames = call["size"]
+    generator = torch.Generator().set_state(call["generator_state"])
+    if pipe.vae.dtype != call["vae_dtype"]:
+        pipe.vae.to(call["vae_dtype"])
+    precision = torch.autocast("cpu", dtype=call["autocast"]) if call["autocast"] else contextlib.nullcontext()
+    with precision:
+        return pipe.prepare_latents(1, height, width, frames, Image.fromarray(image), generator)[0]
+
+
+def cached_latent(folder: Path, name: str) -> torch.Tensor:
+    """The host's VAE cache entry for the file ``name`` (any suffix) of the dataset cached in ``folder``."""
+    raw = (folder / f"{hashlib.sha256(name.encode()).hexdigest()}.pt").read_bytes()
+    with contextlib.suppress(OSError):
+        raw = gzip.decompress(raw)
+    return torch.load(io.BytesIO(raw), map_location="cpu")
+
+
+def test_validation_starts_from_the_eval_split_start_frame_and_saves_it(trained):
+    workdir, code, log, _ = trained
+    assert code == 0, log[-3000:]
+    calls = pipeline_calls(workdir)
+    i2v = [call for call in calls if call["image"] is not None]
+    assert i2v and len(i2v) == len(calls), "every validation call is image-to-video"
+    expected = expected_start_image(workdir)
+    clip_frame = first_frame(workdir / "datasets" / "longcat-video" / "val" / "clips" / f"{VAL_CLIP}.mp4")
+    for call in i2v:
+        assert_same_picture(call["image"], expected)
+        with pytest.raises(AssertionError):  # the host's own choice, the clip's first frame, fails this test
+            assert_same_picture(call["image"], clip_frame)
+    folder = workdir / "output" / "validation_images"
+    saved = sorted(folder.glob("*.start.png"))
+    steps = sorted({name.split("_")[1] for name in demo.summarise(workdir, log)["videos"]})
+    assert [path.name for path in saved] == sorted(f"step_{step}_longcat-video-val_0_64x64.start.png" for step in steps)
+    for path in saved:
+        assert np.array_equal(np.array(Image.open(path).convert("RGB")), i2v[0]["image"])
+    start_frame = workdir / "datasets" / "longcat-video" / "val" / "start_frames" / f"{VAL_CLIP}.png"
+    assert f"start image = {start_frame} from 'longcat-video-val-cond'" in log
+
+
+def test_validation_latent_frame_0_is_the_vae_draw_of_that_start_image(trained):
+    from simpletuner_longcat_video.pipeline import load_pipeline
+
+    workdir, code, _, _ = trained
+    assert code == 0
+    pipe = load_pipeline(str(workdir / "LongCat-Video-tiny"))
+    clip_frame = first_frame(workdir / "datasets" / "longcat-video" / "val" / "clips" / f"{VAL_CLIP}.mp4")
+    for call in pipeline_calls(workdir):
+        seen = call["hidden_states"]
+        ours, clips = initial_latents(pipe, call, call["image"]), initial_latents(pipe, call, clip_frame)
+        assert torch.equal(seen[:, :, 1:], ours[:, :, 1:])  # the same noise: the generator state matches
+        assert torch.allclose(seen[:, :, :1], ours[:, :, :1], atol=1e-6)
+        # Conditioning on the clip's first frame would be caught: its latent differs by far more.
+        assert (seen[:, :, :1] - clips[:, :, :1]).abs().mean() > 1e-3
+
+
+def test_training_latent_frame_0_is_the_paired_start_frame_latent(trained):
+    workdir, code, _, _ = trained
+    assert code == 0
+    cache = workdir / "cache" / "vae" / "longcat-video" / "train"
+    names = sorted(path.stem for path in (workdir / "datasets" / "longcat-video" / "train" / "clips").glob("*.mp4"))
+    start_frames = {name: cached_latent(cache / "start_frames", name)[:, :1] for name in names}
+    batches = sorted((workdir / "record").glob("batch_*.pt"))
+    assert len(batches) == demo.CONFIG_OVERRIDES["max_train_steps"]
+    for path in batches:
+        batch = torch.load(path, weights_only=False)
+        (clip,) = batch["files"]
+        frame0, name = batch["frame0"][0], Path(clip).stem
+        # The batch holds its latents in the training dtype (bf16 here): equal up to that rounding.
+        assert torch.allclose(frame0, start_frames[name], rtol=1e-2, atol=1e-2), clip
+        others = [(frame0 - latent).abs().mean() for other, latent in start_frames.items() if other != name]
+        clip_frame0 = cached_latent(cache / "clips", name)[:, :1]
+        assert min([*others, (frame0 - clip_frame0).abs().mean()]) > 10 * (frame0 - start_frames[name]).abs().mean()
+
+
+def test_validation_video_file_is_named_for_what_it_holds(trained):
+    workdir, code, _, result = trained
+    assert code == 0
+    sizes = {}
+    for name in result["videos"]:
+        generated, _, stitched = name.removesuffix(".mp4").rsplit("_", 1)[1].partition("-stitched-")
+        with av.open(str(workdir / "output" / "validation_images" / name)) as container:
+            frame = next(container.decode(video=0))
+        assert generated == "64x64"
+        sizes[name] = (stitched or generated, f"{frame.width}x{frame.height}")
+    # Step 0 holds the untrained model's video alone; later steps the host's stitched preview.
+    assert all(named == actual for named, actual in sizes.values()), sizes
+    assert any("-stitched-" in name for name in sizes) and any("-stitched-" not in name for name in sizes), sizes

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.pipeline import cfg_zero, check_video_size
+from simpletuner_longcat_video.pipeline import cfg_zero, check_video_size, normalize_latents
 from simpletuner_longcat_video.tiny import synthetic_clip
 
 SIZE = dict(height=64, width=64, num_frames=9)
@@ -35,13 +35,49 @@ def run(pipe, seed: int = 0, **kwargs):
 def test_i2v_first_latent_is_the_encoded_start_image_at_every_step(tiny_pipeline):
     image = start_image()
     frames, steps = run(tiny_pipeline, image=image, output_type="latent")
-    encoded = tiny_pipeline.encode_image([image], 64, 64)
-    assert len(steps) == 3
+    initial, num_cond = tiny_pipeline.prepare_latents(1, 64, 64, 9, image, torch.Generator().manual_seed(0))
+    encoded = initial[:, :, :1]
+    assert num_cond == 1 and len(steps) == 3
     for latents in steps:
         assert torch.equal(latents[:, :, :1], encoded)  # exactly, at every step
     initial = torch.randn(frames.shape, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(steps[-1][:, :, 1:], initial[:, :, 1:])  # later frames were denoised
     assert (steps[0][:, :, 1:] - steps[-1][:, :, 1:]).abs().max() > 1e-3
+
+
+def posterior(pipe, image):
+    pixels = pipe.video_processor.preprocess([image], height=64, width=64).unsqueeze(2)
+    return pipe.vae.encode(pixels).latent_dist
+
+
+def test_start_image_latent_is_a_seeded_draw_from_the_vae_posterior(tiny_pipeline):
+    image = start_image()
+    draw = tiny_pipeline.encode_image([image], 64, 64, torch.Generator().manual_seed(3))
+    assert torch.equal(draw, tiny_pipeline.encode_image([image], 64, 64, torch.Generator().manual_seed(3)))
+    assert not torch.allclose(draw, tiny_pipeline.encode_image([image], 64, 64, torch.Generator().manual_seed(4)))
+    dist = posterior(tiny_pipeline, image)
+    noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(draw, normalize_latents(dist.mean + dist.std * noise, tiny_pipeline.vae), atol=1e-5)
+    mode = tiny_pipeline.encode_image([image], 64, 64, sample=False)
+    assert torch.allclose(mode, normalize_latents(dist.mean, tiny_pipeline.vae), atol=1e-6)
+    assert (draw - mode).abs().mean() > 0.1 * dist.std.mean()  # a draw, not the mode
+
+
+def test_noise_is_drawn_before_the_start_image_as_upstream_does(tiny_pipeline):
+    image = start_image()
+    i2v, _ = tiny_pipeline.prepare_latents(1, 64, 64, 9, image, torch.Generator().manual_seed(5))
+    t2v, num_cond = tiny_pipeline.prepare_latents(1, 64, 64, 9, None, torch.Generator().manual_seed(5))
+    assert num_cond == 0 and torch.equal(i2v[:, :, 1:], t2v[:, :, 1:])
+    generator = torch.Generator().manual_seed(5)
+    torch.randn(t2v.shape, generator=generator)  # what the noise took from the generator
+    assert torch.equal(i2v[:, :, :1], tiny_pipeline.encode_image([image], 64, 64, generator))
+
+
+def test_each_video_of_a_start_image_gets_its_own_draw(tiny_pipeline):
+    draws = tiny_pipeline.encode_image([start_image()], 64, 64, torch.Generator().manual_seed(0), num_latents=2)
+    assert draws.shape[0] == 2 and not torch.allclose(draws[0], draws[1])
+    with pytest.raises(LongCatVideoError, match="one start image"):
+        tiny_pipeline.encode_image([start_image(0), start_image(1)], 64, 64, num_latents=3)
 
 
 def test_i2v_start_image_decides_the_output(tiny_pipeline):

@@ -7,6 +7,7 @@ attributes and hooks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -14,7 +15,9 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
+from PIL import Image
 from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
+from simpletuner.helpers.training.state_tracker import StateTracker
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import data, faults, spec
@@ -171,12 +174,47 @@ class LongCatVideo(VideoModelFoundation):
         pipeline_kwargs["show_progress"] = False
         image = pipeline_kwargs.get("image")
         if isinstance(image, list):
-            pipeline_kwargs["image"] = image[0] if image else None
+            image = pipeline_kwargs["image"] = image[0] if image else None
+        if isinstance(image, Image.Image) and pipeline_kwargs.get("width") and pipeline_kwargs.get("height"):
+            pipeline_kwargs["image"] = self._save_validation_start_image(
+                image, int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"])
+            )
         if distill_lora_path(self.config) is not None:
             pipeline_kwargs["num_inference_steps"] = spec.DISTILL_STEPS
             pipeline_kwargs["guidance_scale"] = spec.DISTILL_GUIDANCE
             pipeline_kwargs["use_distill"] = True
         return pipeline_kwargs
+
+    # Validation from the eval split. SimpleTuner 4.10.1 hands I2V validation the eval clip's own first
+    # frame; plugin.pair_validation_start_frames routes the host's samples through this method instead.
+    def pair_validation_start_frames(self, samples: list) -> list:
+        """The host's validation samples, each eval clip's start image replaced by its paired start frame.
+
+        The start frame is the one training pairs with the clip (the host's conditioning lookup) and
+        is prepared by the host's own training preparation for its dataset (bucket, crop, resize), so
+        validation starts from exactly the image whose latent training puts in latent frame 0. An
+        eval dataset without ``conditioning_data`` keeps the clip's first frame (said once per sample).
+        """
+        if not getattr(self.config, "validation_using_datasets", False):
+            return [_tagged(sample) for sample in samples]
+        return [_with_paired_start_frame(sample, self) for sample in samples]
+
+    def _save_validation_start_image(self, image: Image.Image, width: int, height: int) -> Image.Image:
+        """The start image at the generated size, saved beside the validation videos; returns it.
+
+        Resized here (LANCZOS, as the pipeline's own preprocessing would) so the file is exactly
+        the image the pipeline encodes.
+        """
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        shortname = image.info.get(VALIDATION_SHORTNAME_KEY)
+        if shortname:
+            folder = os.path.join(self.config.output_dir, "validation_images")
+            os.makedirs(folder, exist_ok=True)
+            name = start_image_file_name(StateTracker.get_global_step(), shortname, width, height)
+            image.convert("RGB").save(os.path.join(folder, name))
+            self.__dict__.setdefault("validation_video_sizes", {})[shortname] = (width, height)
+        return image
 
     def post_model_load_setup(self) -> None:
         super().post_model_load_setup()
@@ -540,3 +578,71 @@ def _as_float(value: object) -> float:
 def _batched(tensor: torch.Tensor) -> torch.Tensor:
     # Cached embeddings are stored per sample; the pipeline wants a batch axis.
     return tensor.unsqueeze(0) if tensor.dim() in (1, 2) else tensor
+
+
+# PIL keeps ``info`` through resize and copy, so these travel with a start image from the host's
+# sample list to the pipeline call: which validation sample it belongs to and which file it is.
+VALIDATION_SHORTNAME_KEY = "longcat_validation_shortname"
+START_FRAME_KEY = "longcat_start_frame"
+
+
+def start_image_file_name(step: int, shortname: str, width: int, height: int) -> str:
+    """``step_<N>_<shortname>_<W>x<H>.start.png``: the prefix of the host's name for the video made from it."""
+    return f"step_{step}_{shortname}_{width}x{height}.start.png"
+
+
+def _tagged(sample: Any, start_frame: str | None = None, image: Any = None) -> Any:
+    """``sample`` with its start image (``image``, else its own) tagged with the sample's shortname."""
+    image = sample.conditioning if image is None else image
+    if not isinstance(image, Image.Image):
+        return sample
+    image = image.copy()
+    image.info[VALIDATION_SHORTNAME_KEY] = sample.shortname
+    if start_frame is not None:
+        image.info[START_FRAME_KEY] = start_frame
+    return dataclasses.replace(sample, conditioning=image)
+
+
+def _with_paired_start_frame(sample: Any, model: Any) -> Any:
+    """One eval sample of the host with the start frame training pairs with its clip (see the method)."""
+    from simpletuner.helpers.caching.vae import prepare_sample
+
+    backend_id, clip = sample.data_backend_id, sample.image_path
+    if backend_id not in (getattr(StateTracker, "data_backends", None) or {}) or not clip:
+        return _tagged(sample)  # a start image given by path (validation_input), not an eval clip
+    conditioning = StateTracker.get_conditioning_datasets(backend_id)
+    if not conditioning:
+        logger.info(
+            "LongCat-Video validation %s: start image = the first frame of %s (dataset %r has no conditioning_data)",
+            sample.shortname,
+            clip,
+            backend_id,
+        )
+        return _tagged(sample)
+    # The relative path the host's training sampler hands to the same lookup.
+    root = StateTracker.get_data_backend(backend_id)["metadata_backend"].instance_data_dir
+    relative = clip.split(root)[-1].lstrip("/") if root else clip
+    for dataset in conditioning:
+        found = dataset["sampler"].get_conditioning_sample(relative)
+        if found is not None:
+            break
+    else:
+        names = [dataset["id"] for dataset in conditioning]
+        raise LongCatVideoError(
+            where=f"validation sample {sample.shortname} (eval clip {clip})",
+            value=f"no start frame for {relative!r} in {names}",
+            rule="an eval clip of an image-to-video dataset is validated from its paired start frame, as it is "
+            "trained; validation does not fall back to the clip's own first frame",
+            fix=f"put the start frame under the clip's name in the conditioning dataset {names[0]!r}, or remove the clip",
+        )
+    start_frame = found.image_path()
+    image, _, _ = prepare_sample(image=found.image, data_backend_id=dataset["id"], filepath=start_frame, model=model)
+    logger.info(
+        "LongCat-Video validation %s: start image = %s from %r (paired with %s), %dx%d as training prepares it",
+        sample.shortname,
+        start_frame,
+        dataset["id"],
+        clip,
+        *image.size,
+    )
+    return _tagged(sample, start_frame, image)

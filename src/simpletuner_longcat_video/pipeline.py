@@ -1,7 +1,7 @@
 """Sampling: LongCat-Video text-to-video and image-to-video as a diffusers pipeline.
 
 One pipeline serves both tasks, as one checkpoint does: with ``image`` the start image is encoded
-into the first latent frame, which stays fixed (timestep 0) at every step while only the later
+(a draw from the VAE posterior, as upstream) into the first latent frame, which stays fixed (timestep 0) at every step while only the later
 frames are denoised; without it every frame starts from noise. The maths follows the official
 sampler: sigmas linear from 1 to 0.001 shifted by the scheduler's shift, the DiT's output negated
 before the Euler step, and "CFG-zero" guidance (the unconditional branch rescaled by
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.loaders.lora_pipeline import CogVideoXLoraLoaderMixin
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
@@ -130,13 +131,75 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
 
     @torch.no_grad()
     def encode_image(
-        self, image: Any, height: int, width: int, generator: torch.Generator | None = None
+        self,
+        image: Any,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        *,
+        num_latents: int | None = None,
+        sample: bool = True,
     ) -> torch.Tensor:
-        """Start image(s) to normalised first-frame latents ``[B, C, 1, h, w]`` (the VAE's mean)."""
+        """Start image(s) to normalised first-frame latents ``[B, C, 1, h, w]``.
+
+        As upstream's ``generate_i2v`` (diffusers' ``retrieve_latents`` default), a draw from the VAE
+        posterior with ``generator``; ``sample=False`` gives the posterior's mode instead. The host's
+        VAE cache also stores a posterior draw for the start frames training sees, so sampling and
+        training agree. ``num_latents`` draws that many latents (one per video), each image repeated
+        in order, with the image encoded once.
+        """
         pixels = self.video_processor.preprocess(image, height=height, width=width)
         pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype).unsqueeze(2)
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        posterior = self.vae.encode(pixels).latent_dist
+        count = pixels.shape[0] if num_latents is None else num_latents
+        if count % pixels.shape[0]:
+            raise LongCatVideoError(
+                where="pipeline call: image",
+                value=f"{pixels.shape[0]} start images for {count} videos",
+                rule="each prompt's videos share one start image: give one image, or one per prompt",
+                fix="pass image=<one image> or a list with one image per prompt",
+            )
+        if count != pixels.shape[0]:
+            posterior = DiagonalGaussianDistribution(
+                posterior.parameters.repeat_interleave(count // pixels.shape[0], 0)
+            )
+        latents = posterior.sample(generator) if sample else posterior.mode()
         return normalize_latents(latents.float(), self.vae)
+
+    def prepare_latents(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        num_frames: int,
+        image: Any = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """The latents the first step sees, and how many leading frames are condition frames.
+
+        Upstream's order: the noise ``[B, 16, (frames - 1) / 4 + 1, H / 8, W / 8]`` is drawn first,
+        then (with ``image``) the start image's posterior draw, from the same ``generator``, replaces
+        latent frame 0. One seed thus gives the same noise with or without a start image.
+        """
+        shape = (
+            batch,
+            self.transformer.config.in_channels,
+            spec.FRAME_RULE.latent_frames(num_frames),
+            height // spec.VAE_SPATIAL_COMPRESSION,
+            width // spec.VAE_SPATIAL_COMPRESSION,
+        )
+        device = self._execution_device
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            latents = latents.to(device=device, dtype=torch.float32).clone()
+        if image is None:
+            return latents, 0
+        images = image if isinstance(image, list) else [image]
+        count = spec.NUM_COND_LATENTS_I2V
+        latents[:, :, :count] = self.encode_image(images, height, width, generator, num_latents=batch)
+        return latents, count
 
     def sampling_sigmas(self, num_inference_steps: int, use_distill: bool = False) -> list[float]:
         """Sigmas before the scheduler's shift: linear from 1 to 0.001, or the distillation's grid.
@@ -221,26 +284,7 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
             text, text_mask = prompt_embeds.to(dtype), prompt_attention_mask
 
         latent_frames = spec.FRAME_RULE.latent_frames(num_frames)
-        shape = (
-            batch,
-            self.transformer.config.in_channels,
-            latent_frames,
-            height // spec.VAE_SPATIAL_COMPRESSION,
-            width // spec.VAE_SPATIAL_COMPRESSION,
-        )
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        else:
-            latents = latents.to(device=device, dtype=torch.float32).clone()
-
-        num_cond = 0
-        if image is not None:
-            images = image if isinstance(image, list) else [image]
-            cond = self.encode_image(images, height, width)
-            if cond.shape[0] != batch:
-                cond = cond.repeat_interleave(batch // cond.shape[0], 0)
-            num_cond = spec.NUM_COND_LATENTS_I2V
-            latents[:, :, :num_cond] = cond
+        latents, num_cond = self.prepare_latents(batch, height, width, num_frames, image, generator, latents)
 
         logger.info(
             "LongCat-Video sampling: %s, %dx%d, %d frames, %d steps%s, guidance %.2f%s",

@@ -355,3 +355,109 @@ def skip_pinning_without_accelerator(collate: Any) -> None:
 
     collate.fetch_latent = fetch_latent
     logger.info("no accelerator: SimpleTuner's latent fetch runs without pinning memory (a no-op on CPU)")
+
+
+def _longcat_model() -> Any:
+    """The host's current model when it is this plugin's LongCat-Video family, else None."""
+    family = sys.modules.get("simpletuner_longcat_video.family")
+    if family is None:  # never imported: the run is not ours
+        return None
+    from simpletuner.helpers.training.state_tracker import StateTracker
+
+    model = StateTracker.get_model()
+    return model if isinstance(model, family.LongCatVideo) else None
+
+
+def extend_host_validation(validation: Any) -> None:
+    """Everything the plugin changes in the host's validation module, once it has executed."""
+    pair_validation_start_frames(validation)
+    name_validation_videos_by_content(validation.validation_video)
+
+
+def pair_validation_start_frames(validation: Any) -> None:
+    """SimpleTuner 4.10.1: I2V validation from the eval split starts from the eval clip's own first frame.
+
+    With ``validation_using_datasets``, ``retrieve_validation_images`` takes its I2V samples from the
+    eval clips and uses frame 0 of each clip as the start image, while training puts the latent of
+    the clip's paired start-frame file (its conditioning dataset) in latent frame 0; with edit-style
+    pairs the two differ and validation silently shows another task. The function is wrapped: for
+    the LongCat-Video family the host's samples go through ``family.LongCatVideo.pair_validation_start_frames``
+    (the paired start frame, prepared as training prepares it); other families get the host's result.
+    """
+    original = validation.retrieve_validation_images
+    if getattr(original, "_plugin_wrapped", False):
+        return
+
+    def retrieve_validation_images() -> Any:
+        samples = original()
+        model = _longcat_model()
+        return samples if model is None else model.pair_validation_start_frames(samples)
+
+    retrieve_validation_images._plugin_wrapped = True  # type: ignore[attr-defined]
+    validation.retrieve_validation_images = retrieve_validation_images
+
+
+def name_validation_videos_by_content(validation_video: Any) -> None:
+    """SimpleTuner 4.10.1 names a validation video after ``validation_resolution`` but fills it with a collage.
+
+    ``save_videos`` writes ``step_<N>_<sample>_<i>_<W>x<H>.mp4`` from the stitched preview: start image,
+    base model and this step side by side, the prompt in a footer below (202x107 pixels for a 64x64
+    video), which its encoder then stretches to the 16-pixel grid (208x112). For the LongCat-Video
+    family the frames are padded to that grid instead (nothing is stretched) and the name says what
+    the file holds: ``..._<i>_64x64-stitched-208x112.mp4`` (the generated size, then the file's). A
+    file that holds just the generated video keeps the host's name. Other families are unchanged.
+    """
+    original = validation_video.save_videos
+    if getattr(original, "_plugin_wrapped", False):
+        return
+
+    def save_videos(save_dir, validation_images, validation_shortname, validation_resolutions, config, *args, **kwargs):
+        model = _longcat_model()
+        videos = validation_images.get(validation_shortname, [])
+        if model is None or not videos:
+            return original(
+                save_dir, validation_images, validation_shortname, validation_resolutions, config, *args, **kwargs
+            )
+        generated = getattr(model, "validation_video_sizes", {}).get(validation_shortname.split("__")[0])
+        labels, padded = [], []
+        for index, frames in enumerate(videos):
+            label = _host_resolution_label(validation_resolutions, index, frames)
+            frames, label = _stitched_file_label(frames, label, generated)
+            labels.append(label)
+            padded.append(frames)
+        images = {**validation_images, validation_shortname: padded}
+        return original(save_dir, images, validation_shortname, labels, config, *args, **kwargs)
+
+    save_videos._plugin_wrapped = True  # type: ignore[attr-defined]
+    validation_video.save_videos = save_videos
+
+
+def _host_resolution_label(resolutions: Any, index: int, frames: Any) -> str:
+    """The ``<W>x<H>`` label SimpleTuner 4.10.1's ``save_videos`` gives video ``index``."""
+    if index < len(resolutions):
+        value = resolutions[index]
+        if isinstance(value, tuple):
+            return f"{value[0]}x{value[1]}"
+        return value if isinstance(value, str) and "x" in value else f"{value}x{value}"
+    first = frames[0] if isinstance(frames, list) and frames else frames
+    width, height = getattr(first, "size", (0, 0))
+    return f"{width}x{height}"
+
+
+def _stitched_file_label(frames: Any, label: str, generated: tuple[int, int] | None) -> tuple[Any, str]:
+    """The frames to write and their file label: a collage is padded to the encoder's 16-pixel grid."""
+    from PIL import Image
+
+    if not (isinstance(frames, list) and frames and all(isinstance(frame, Image.Image) for frame in frames)):
+        return frames, label
+    size = f"{generated[0]}x{generated[1]}" if generated else label
+    width, height = frames[0].size
+    if f"{width}x{height}" == size:
+        return frames, size
+    grid = (-(-width // 16) * 16, -(-height // 16) * 16)
+    padded = []
+    for frame in frames:
+        canvas = Image.new("RGB", grid)
+        canvas.paste(frame.convert("RGB"), (0, 0))
+        padded.append(canvas)
+    return padded, f"{size}-stitched-{grid[0]}x{grid[1]}"

@@ -1,22 +1,34 @@
-"""Test-only fault injection for host training runs; never on a user's path.
+"""Test-only fault injection and recording for host training runs; never on a user's path.
 
-tests/test_faults.py puts this folder on PYTHONPATH, so Python imports this file at start-up in
-every process of the run (the ``simpletuner`` CLI, ``accelerate launch``, the training worker).
-With ``LONGCAT_FAULT_BSA_FAIL_AT=N`` set, once ``simpletuner_longcat_video.attention_bsa`` has
-been imported its availability probe says yes (this machine has no CUDA for the Triton kernel)
-and the kernel call it makes is replaced: launches 1..N-1 return dense attention, as a working
-kernel at sparsity 0 would, and launch N raises the error a GPU driver gives for a bad launch.
-Everything around the kernel call is the real code: host loop, family, attention seam, adapter.
+Tests put this folder on PYTHONPATH, so Python imports this file at start-up in every process of
+the run (the ``simpletuner`` CLI, ``accelerate launch``, the training worker). Nothing happens
+unless one of these variables is set:
+
+``LONGCAT_FAULT_BSA_FAIL_AT=N`` (tests/test_faults.py): once
+``simpletuner_longcat_video.attention_bsa`` has been imported its availability probe says yes (this
+machine has no CUDA for the Triton kernel) and the kernel call it makes is replaced: launches
+1..N-1 return dense attention, as a working kernel at sparsity 0 would, and launch N raises the
+error a GPU driver gives for a bad launch.
+
+``LONGCAT_RECORD_DIR=<folder>`` (tests/test_i2v_training.py): once ``simpletuner_longcat_video.family``
+has been imported, every pipeline call writes ``<folder>/pipeline_call_<n>.pt`` (the start image it
+was given, the generator's state on entry, the latents the DiT sees at its first step, the size,
+the autocast and VAE dtypes)
+and every training batch writes ``<folder>/batch_<n>.pt`` (its files and latent frame 0 after the
+I2V condition). Only recorded, never changed.
+
+Everything around is the real code: host loop, family, attention seam, pipeline.
 """
 
+import functools
 import os
 import sys
 
-TARGET = "simpletuner_longcat_video.attention_bsa"
 FAIL_AT = int(os.environ.get("LONGCAT_FAULT_BSA_FAIL_AT", "0") or 0)
+RECORD_DIR = os.environ.get("LONGCAT_RECORD_DIR")
 
 
-def _inject(module) -> None:
+def _inject_bsa_fault(module) -> None:
     import torch.nn.functional as F
 
     launches = [0]
@@ -35,9 +47,64 @@ def _inject(module) -> None:
     module.block_sparse_attention = kernel
 
 
+def _record_calls(family) -> None:
+    import numpy as np
+    import torch
+
+    counts = {"pipeline_call": 0, "batch": 0}
+
+    def save(kind: str, record: dict) -> None:
+        counts[kind] += 1
+        torch.save(record, os.path.join(RECORD_DIR, f"{kind}_{counts[kind]}.pt"))
+
+    pipeline_class = family.LongCatVideoPipeline
+    original_call = pipeline_class.__call__
+
+    @functools.wraps(original_call)  # the host passes only the keywords the signature names
+    def call(self, *args, **kwargs):
+        generator = kwargs.get("generator")
+        seen = {}
+
+        def first_input(_module, _args, inputs):
+            seen.setdefault("hidden_states", inputs["hidden_states"][:1].detach().float().cpu().clone())
+
+        handle = self.transformer.register_forward_pre_hook(first_input, with_kwargs=True)
+        image = kwargs.get("image")
+        device = self._execution_device.type
+        record = {
+            "image": None if image is None else np.array(image.convert("RGB")),
+            "generator_state": None if generator is None else generator.get_state(),
+            "size": (kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames")),
+            # The host runs validation under autocast (weight_dtype) with its own VAE dtype.
+            "autocast": torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+            "vae_dtype": self.vae.dtype,
+        }
+        try:
+            return original_call(self, *args, **kwargs)
+        finally:
+            handle.remove()
+            save("pipeline_call", {**record, **seen})
+
+    original_conditions = family.LongCatVideo.prepare_batch_conditions
+
+    def prepare_batch_conditions(self, batch, state):
+        batch = original_conditions(self, batch, state)
+        files = batch.get("filepaths") or batch.get("image_paths") or []
+        save("batch", {"files": list(files), "frame0": batch["latents"][:, :, :1].detach().float().cpu().clone()})
+        return batch
+
+    pipeline_class.__call__ = call
+    family.LongCatVideo.prepare_batch_conditions = prepare_batch_conditions
+
+
 class _Watcher:
+    """Runs ``inject(module)`` right after ``target`` has executed."""
+
+    def __init__(self, target, inject):
+        self.target, self.inject = target, inject
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET:
+        if fullname != self.target:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -51,12 +118,15 @@ class _Watcher:
 
         def exec_and_inject(module):
             exec_module(module)
-            _inject(module)
+            if self in sys.meta_path:  # once: a find_spec alone (the plugin's entry-point check) loads nothing
+                sys.meta_path.remove(self)
+                self.inject(module)
 
         spec.loader.exec_module = exec_and_inject
-        sys.meta_path.remove(self)
         return spec
 
 
 if FAIL_AT > 0:
-    sys.meta_path.insert(0, _Watcher())
+    sys.meta_path.insert(0, _Watcher("simpletuner_longcat_video.attention_bsa", _inject_bsa_fault))
+if RECORD_DIR:
+    sys.meta_path.insert(0, _Watcher("simpletuner_longcat_video.family", _record_calls))
