@@ -160,3 +160,28 @@ def test_video_files_are_named_for_what_they_hold(tmp_path, monkeypatch):
     monkeypatch.setattr(StateTracker, "get_model", classmethod(lambda cls: object()))
     (other,) = validation_video.save_videos(str(tmp_path), {"v": [collage]}, "v", [(64, 64)], config)
     assert Path(other).name == "step_3_v_0_64x64.mp4"  # another family: the host's name
+
+
+def test_without_a_benchmark_the_start_image_is_stitched_beside_every_frame(tmp_path, monkeypatch):
+    """disable_benchmark: true takes the host's input-only stitching, which takes one image per result."""
+    shipped = host_validation.Validation.stitch_validation_input_image
+    shipped = getattr(shipped, "_plugin_original", shipped)  # the plugin's start-up hook may have wrapped it
+    monkeypatch.setattr(host_validation.Validation, "stitch_validation_input_image", shipped)  # undone after
+    host = object.__new__(host_validation.Validation)
+    start = Image.new("RGB", (48, 64), (0, 200, 0))
+    video = [Image.new("RGB", (64, 64), (20 * t, 0, 0)) for t in range(3)]
+    monkeypatch.setattr(StateTracker, "get_model", classmethod(lambda cls: longcat_model(tmp_path)))
+    with pytest.raises(AttributeError, match="size"):  # the host's own function, as shipped
+        host.stitch_validation_input_image(video, start, labels=["input", "step 3"])
+
+    plugin.stitch_start_image_beside_each_frame(host_validation.Validation)
+    plugin.stitch_start_image_beside_each_frame(host_validation.Validation)  # wrapped once
+    frames = host.stitch_validation_input_image(video, start, labels=["input", "step 3"])
+    assert len(frames) == 3 and all(frame.size == (48 + 5 + 64, 64) for frame in frames)
+    for t, frame in enumerate(frames):  # the start image on the left, frame t on the right
+        pixels = np.array(frame)
+        assert tuple(pixels[40, 20]) == (0, 200, 0) and tuple(pixels[40, 48 + 5 + 40]) == (20 * t, 0, 0)
+
+    monkeypatch.setattr(StateTracker, "get_model", classmethod(lambda cls: object()))
+    with pytest.raises(AttributeError):  # another family: the host's behaviour, untouched
+        host.stitch_validation_input_image(video, start)

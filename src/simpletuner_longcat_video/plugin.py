@@ -371,6 +371,7 @@ def _longcat_model() -> Any:
 def extend_host_validation(validation: Any) -> None:
     """Everything the plugin changes in the host's validation module, once it has executed."""
     pair_validation_start_frames(validation)
+    stitch_start_image_beside_each_frame(validation.Validation)
     name_validation_videos_by_content(validation.validation_video)
 
 
@@ -395,6 +396,29 @@ def pair_validation_start_frames(validation: Any) -> None:
 
     retrieve_validation_images._plugin_wrapped = True  # type: ignore[attr-defined]
     validation.retrieve_validation_images = retrieve_validation_images
+
+
+def stitch_start_image_beside_each_frame(validation_class: Any) -> None:
+    """SimpleTuner 4.10.1 loses every validation video when ``disable_benchmark`` is true.
+
+    Without a base-model benchmark its ``validate_prompt`` stitches the start image to the left of
+    each result with ``stitch_validation_input_image``, which takes one image; a video result is a
+    list of frames, so it raises (``'list' object has no attribute 'size'``), the host logs the
+    error and saves nothing. For the LongCat-Video family the start image is stitched beside each
+    frame instead; other families and single images are unchanged.
+    """
+    original = validation_class.stitch_validation_input_image
+    if getattr(original, "_plugin_wrapped", False):
+        return
+
+    def stitch_validation_input_image(self, validation_image_result, validation_input_image, *args, **kwargs):
+        if isinstance(validation_image_result, list) and _longcat_model() is not None:
+            return [original(self, frame, validation_input_image, *args, **kwargs) for frame in validation_image_result]
+        return original(self, validation_image_result, validation_input_image, *args, **kwargs)
+
+    stitch_validation_input_image._plugin_wrapped = True  # type: ignore[attr-defined]
+    stitch_validation_input_image._plugin_original = original  # type: ignore[attr-defined]
+    validation_class.stitch_validation_input_image = stitch_validation_input_image
 
 
 def name_validation_videos_by_content(validation_video: Any) -> None:
