@@ -230,6 +230,24 @@ def _not_a_video_dataset(source: str, dataset_id: object, dataset_type: object) 
     )
 
 
+def _video_settings(
+    source: str, dataset_id: object, dataset_type: object, settings: dict, problems: list[LongCatVideoError]
+) -> dict | None:
+    """A video dataset's ``video`` block with its frame counts checked; None for other datasets."""
+    if dataset_type != "video":
+        if _marked_i2v(settings):
+            raise _not_a_video_dataset(source, dataset_id, dataset_type)
+        return None
+    video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
+    for name in ("num_frames", "min_frames"):
+        if video.get(name) is not None:
+            try:
+                check_frames(video[name], f"{source}: dataset {dataset_id!r} video.{name}")
+            except LongCatVideoError as error:
+                problems.append(error)
+    return video
+
+
 def _pairing_error(
     source: str, clip_id: object, cond_id: object, clip_count: int, frame_count: int, problems: list[str]
 ) -> LongCatVideoError:
@@ -270,18 +288,9 @@ def _check_dataset(
     """One dataset's rules. A problem that leaves the rest checkable goes to ``problems``; one that
     makes the rest meaningless (not a video dataset, broken pairing) is raised."""
     settings = backend.get("config") or {}
-    dataset_type = backend.get("dataset_type")
-    if dataset_type != "video":
-        if _marked_i2v(settings):
-            raise _not_a_video_dataset(source, backend_id, dataset_type)
+    video = _video_settings(source, backend_id, backend.get("dataset_type"), settings, problems)
+    if video is None:
         return
-    video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
-    for name in ("num_frames", "min_frames"):
-        if video.get(name) is not None:
-            try:
-                check_frames(video[name], f"{source}: dataset {backend_id!r} video.{name}")
-            except LongCatVideoError as error:
-                problems.append(error)
     clip_root = settings.get("instance_data_dir")
     files = file_lists[backend.get("id", backend_id)]
     where = f"{source}: dataset {backend_id!r} ({clip_root})"
@@ -548,18 +557,10 @@ def _check_dataset_files(
     problems: list[LongCatVideoError],
 ) -> None:
     """One dataset's rules from its files (a problem that leaves the rest checkable goes to ``problems``)."""
-    dataset_id, dataset_type = settings.get("id"), settings.get("dataset_type")
-    if dataset_type != "video":
-        if _marked_i2v(settings):
-            raise _not_a_video_dataset(source, dataset_id, dataset_type)
+    dataset_id = settings.get("id")
+    video = _video_settings(source, dataset_id, settings.get("dataset_type"), settings, problems)
+    if video is None:
         return
-    video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
-    for name in ("num_frames", "min_frames"):
-        if video.get(name) is not None:
-            try:
-                check_frames(video[name], f"{source}: dataset {dataset_id!r} video.{name}")
-            except LongCatVideoError as error:
-                problems.append(error)
     if not _local(settings):
         return  # files elsewhere (S3, Hugging Face): the second pass checks what the host lists
     root = settings.get("instance_data_dir")

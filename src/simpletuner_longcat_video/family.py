@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan
 from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
+from torchvision import transforms
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import data, faults, spec
@@ -154,6 +155,15 @@ class LongCatVideo(VideoModelFoundation):
         if self.accelerator.is_main_process:
             for line in data.describe_clip_processing(self.config, scans=getattr(self, "_dataset_scans", None)):
                 logger.info("%s", line)
+
+    def get_transforms(self, dataset_type: str = "image"):
+        # The Wan VAE takes pixels in [-1, 1]: the official model was trained so, and the pipeline
+        # hands it a start image so. SimpleTuner 4.10.1's video families default to ToTensor alone
+        # ([0, 1]), which would train on latents of another range than sampling conditions on.
+        base = super().get_transforms(dataset_type=dataset_type)
+        if dataset_type == "audio":
+            return base
+        return transforms.Compose([base, transforms.Normalize([0.5], [0.5])])
 
     def scale_vae_latents_for_cache(self, latents, vae):
         if torch.is_tensor(latents) and latents.dim() == 5:
