@@ -43,15 +43,11 @@ logger = logging.getLogger("simpletuner_longcat_video.data")
 HOST_FIRST_FRAME_SUFFIX = ".png"
 # Under the host's cache_dir: PNG copies of start frames in other formats (data_files.mirror_as_png).
 START_FRAMES_FOLDER = "longcat_start_frames"
-# What SimpleTuner 4.10.1 copies from a dataset to its conditioning datasets (factory.py,
-# synchronize_conditioning_settings), only after both have been cached.
-RESOLUTION_SETTINGS = (
-    "resolution",
-    "resolution_type",
-    "maximum_image_size",
-    "target_downsample_size",
-    "minimum_image_size",
-)
+# The settings that size a sample, which SimpleTuner 4.10.1 copies from a dataset to its
+# conditioning datasets (factory.py, synchronize_conditioning_settings) only after both have been
+# cached. Its minimum_image_size is a filter, not a size: a small start frame is scaled up to its
+# clip's bucket, as the pipeline scales a start image.
+RESOLUTION_SETTINGS = ("resolution", "resolution_type", "maximum_image_size", "target_downsample_size")
 
 
 def _whole_number(value: object) -> int | None:
@@ -408,7 +404,9 @@ def _active(datasets: list) -> list[dict]:
 
 def _conditioning_ids(settings: dict) -> list[str]:
     value = settings.get("conditioning_data") or []
-    return [value] if isinstance(value, str) else [str(item) for item in value]
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 def _local(settings: dict) -> bool:
@@ -447,7 +445,8 @@ def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dic
     """
     source = getattr(config, "data_backend_config", None) or "the data backend config"
     active = _active(datasets)
-    by_id = {settings.get("id"): settings for settings in active}
+    # An id that is no string is the host's to refuse (it checks ids when it configures).
+    by_id = {settings["id"]: settings for settings in active if isinstance(settings.get("id"), str)}
     problems: list[LongCatVideoError] = []
     notes: list[str] = []
     _normalise(source, active, by_id, problems, notes)
@@ -561,9 +560,9 @@ def _check_dataset_files(
     video = _video_settings(source, dataset_id, settings.get("dataset_type"), settings, problems)
     if video is None:
         return
-    if not _local(settings):
-        return  # files elsewhere (S3, Hugging Face): the second pass checks what the host lists
     root = settings.get("instance_data_dir")
+    if not _local(settings) or not isinstance(root, str):
+        return  # files elsewhere (S3, Hugging Face), or no folder: the host's checks and the second pass
     where = f"{source}: dataset {dataset_id!r} ({root})"
     scan = data_files.scan_left_out(root, [], video.get("min_frames"), video.get("num_frames"))
     scans[dataset_id] = scan
@@ -609,9 +608,9 @@ def _paired_files(
             rule="names no dataset of this config",
             fix='use the id of the start-frame dataset, e.g. "conditioning_data": ["longcat-video-cond"]',
         )
-    if not _local(cond):
-        return None
     cond_root = cond.get("instance_data_dir")
+    if not _local(cond) or not isinstance(cond_root, str):
+        return None
     found = data_files.files_on_disk(cond_root, data_files.image_suffixes() | data_files.video_suffixes())
     by_key: dict[str, list[str]] = defaultdict(list)
     for path in found:
