@@ -726,24 +726,6 @@ def test_bad_datasets_stop_the_real_host_before_anything_is_cached(tmp_path):
 
 
 @pytest.mark.slow
-def test_block_sparse_on_a_machine_without_cuda_stops_the_real_host_at_config_time(tmp_path):
-    code, log = run_host(
-        tmp_path,
-        lambda workdir: edit_json(
-            workdir / "config/config.json", lambda config: config.update(attention_implementation="block_sparse")
-        ),
-    )
-    assert_nothing_trained(tmp_path, code, log)
-    assert (
-        "attention_implementation = 'block_sparse': the block-sparse kernels are Triton kernels for CUDA GPUs; " in log
-    )
-    assert "this machine has none (no CUDA device" in log
-    # Refused when the config was read: nothing was loaded, embedded or encoded.
-    assert not [path for path in tmp_path.rglob("*.pt") if "LongCat-Video-tiny" not in path.parts]
-    assert "Loading AutoencoderKLWan" not in log
-
-
-@pytest.mark.slow
 def test_dit_with_a_missing_key_stops_the_real_host(tmp_path):
     removed = []
 

@@ -10,6 +10,7 @@ and the checkpoint are changed for a CPU, as `make demo` changes them.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -140,13 +141,19 @@ def test_shipped_relative_paths_and_the_seed_form_train_to_a_lora(users_run):
             assert cached == expected, (folder, cached)
 
 
-def _encode_start_frame(workdir: Path, path: Path) -> torch.Tensor:
-    """The start-frame file's latent as the family caches it: Pillow's pixels, VAE mean, normalised."""
+@functools.cache
+def _vae(checkpoint: Path):
     from diffusers import AutoencoderKLWan
 
+    return AutoencoderKLWan.from_pretrained(str(checkpoint / "vae"))
+
+
+def _encode_start_frame(workdir: Path, path: Path) -> torch.Tensor:
+    """The start-frame file's latent as the pipeline encodes a start image: Pillow's pixels in [-1, 1],
+    the VAE's mean, normalised."""
     from simpletuner_longcat_video.pipeline import normalize_latents
 
-    vae = AutoencoderKLWan.from_pretrained(str(workdir / "LongCat-Video-tiny" / "vae"))
+    vae = _vae(workdir / "LongCat-Video-tiny")
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     video = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)[None, :, None]

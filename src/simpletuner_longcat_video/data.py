@@ -565,7 +565,8 @@ def _check_dataset_files(
         return  # files elsewhere (S3, Hugging Face), or no folder: the host's checks and the second pass
     where = f"{source}: dataset {dataset_id!r} ({root})"
     scan = data_files.scan_left_out(root, [], video.get("min_frames"), video.get("num_frames"))
-    scans[dataset_id] = scan
+    if isinstance(dataset_id, str):
+        scans[dataset_id] = scan
     clips = sorted(scan.infos)
     images = data_files.files_on_disk(root, data_files.image_suffixes())
     for check, args, kwargs in (
