@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from simpletuner_longcat_video import plugin, spec
-from simpletuner_longcat_video.data import check_datasets, check_training_config
+from simpletuner_longcat_video.data import check_datasets, check_training_config, prepare_datasets
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.family import LongCatVideo
 from simpletuner_longcat_video.pipeline import check_video_size, load_pipeline
@@ -217,6 +217,7 @@ def test_name_differing_in_case_row(paired):
 
 @pytest.mark.parametrize("suffix", [".jpg", ".PNG"])
 def test_start_frame_extension_row(paired, suffix):
+    # Host records that did not pass through prepare_datasets (which hands the host PNG copies).
     clips, frames = paired
     Image.open(frames / "clip_000.png").convert("RGB").save(frames / f"clip_000{suffix}", format="PNG")
     (frames / "clip_000.png").unlink()
@@ -225,8 +226,8 @@ def test_start_frame_extension_row(paired, suffix):
         error,
         where="dataset 'longcat-video-cond' (conditioning)",
         value=f"clip_000{suffix}",
-        rule="must be PNG files named <clip name>.png, lower-case suffix",
-        fix="rename .PNG to .png",
+        rule="reach SimpleTuner as <clip name>.png, lower-case suffix",
+        fix=f"`mogrify -format png {frames}/*{suffix}`",
     )
 
 
@@ -347,6 +348,130 @@ def test_several_problems_are_named_together(paired):
     assert_named(error, where=SOURCE, value="'2 problems'", rule="the datasets break several rules", fix="fix each one")
     assert "1. " in str(error) and "caption files must not be empty" in str(error)
     assert "2. " in str(error) and "have no start frame" in str(error)
+
+
+# --- datasets as multidatabackend.json gives them, before the host configures anything ----------
+
+
+def config_file(clip_dir: Path, frame_dir: Path, *, num_frames: int = 9, **clip_settings) -> list[dict]:
+    """A paired dataset as the user writes it (and as SimpleTuner's loader returns it)."""
+    clips = {
+        "id": "longcat-video-train",
+        "type": "local",
+        "dataset_type": "video",
+        "instance_data_dir": str(clip_dir),
+        "caption_strategy": "textfile",
+        "video": {"num_frames": num_frames, "min_frames": num_frames, "is_i2v": True},
+        "conditioning_data": ["longcat-video-cond"],
+        **clip_settings,
+    }
+    frames = {
+        "id": "longcat-video-cond",
+        "type": "local",
+        "dataset_type": "conditioning",
+        "instance_data_dir": str(frame_dir),
+    }
+    return [clips, frames]
+
+
+def early_refusal(datasets: list[dict], tmp_path: Path) -> LongCatVideoError:
+    config = SimpleNamespace(data_backend_config=SOURCE, cache_dir=str(tmp_path / "cache"), framerate=8)
+    return refusal(prepare_datasets, config, datasets)
+
+
+def test_start_frame_of_another_aspect_ratio_row(paired, tmp_path):
+    clips, frames = paired
+    Image.new("RGB", (64, 48)).save(frames / "clip_002.png")
+    error = early_refusal(config_file(clips, frames), tmp_path)
+    assert_named(
+        error,
+        where=f"{SOURCE}: datasets 'longcat-video-train' (is_i2v) and 'longcat-video-cond' (conditioning)",
+        value="clip_002.png is 64x48 (aspect 1.33), clip_002.mp4 is 64x64 (aspect 1.0)",
+        rule="a start frame must have its clip's aspect ratio (width / height to 2 decimals",
+        fix="crop or pad each start frame to its clip's aspect ratio",
+    )
+
+
+def test_several_start_frames_for_one_clip_row(paired, tmp_path):
+    clips, frames = paired
+    Image.open(frames / "clip_001.png").convert("RGB").save(frames / "clip_001.jpg")
+    error = early_refusal(config_file(clips, frames), tmp_path)
+    assert_named(
+        error,
+        where="'longcat-video-cond' (conditioning)",
+        value="'3 clips, 3 start frames'",
+        rule="1 clip(s) have several start frames: clip_001.jpg and clip_001.png",
+        fix="or remove the unmatched files",
+    )
+
+
+def test_every_clip_shorter_than_num_frames_row(paired, tmp_path):
+    clips, frames = paired
+    error = early_refusal(config_file(clips, frames, num_frames=13), tmp_path)
+    assert_named(
+        error,
+        where=f"{SOURCE}: dataset 'longcat-video-train' ({clips})",
+        value="'3 clip(s) of 9 frames'",
+        rule="every clip is shorter than min_frames = 13, so there is no sample to train on",
+        fix="set video.num_frames and video.min_frames to 9",
+    )
+
+
+def test_missing_caption_file_row(paired, tmp_path):
+    clips, frames = paired
+    (clips / "clip_001.txt").unlink()
+    error = early_refusal(config_file(clips, frames), tmp_path)
+    assert_named(
+        error,
+        where=f"dataset 'longcat-video-train' ({clips}) caption files",
+        value="clip_001.txt",
+        rule="with caption_strategy textfile every clip needs its caption file <clip name>.txt",
+        fix="write the caption files",
+    )
+
+
+def test_conditioning_data_naming_no_dataset_row(paired, tmp_path):
+    clips, frames = paired
+    datasets = config_file(clips, frames)
+    datasets[0]["conditioning_data"] = ["longcat-video-start"]
+    error = early_refusal(datasets, tmp_path)
+    assert_named(
+        error,
+        where=f"{SOURCE}: dataset 'longcat-video-train' conditioning_data",
+        value="longcat-video-start",
+        rule="names no dataset of this config",
+        fix='"conditioning_data": ["longcat-video-cond"]',
+    )
+
+
+def test_is_i2v_set_twice_differently_row(paired, tmp_path):
+    clips, frames = paired
+    datasets = config_file(clips, frames)
+    datasets[0]["video"]["is_i2v"] = False
+    datasets[0]["is_i2v"] = True
+    error = early_refusal(datasets, tmp_path)
+    assert_named(
+        error,
+        where=f"{SOURCE}: dataset 'longcat-video-train' is_i2v",
+        value="True beside dataset_type, False in video",
+        rule="the two is_i2v settings disagree",
+        fix='"video": {"is_i2v": true, ...}',
+    )
+
+
+def test_block_sparse_without_cuda_row(monkeypatch):
+    from simpletuner_longcat_video import attention_bsa
+    from simpletuner_longcat_video.family import attention_options_from_config
+
+    monkeypatch.setattr(attention_bsa.torch.cuda, "is_available", lambda: False)
+    error = refusal(attention_options_from_config, SimpleNamespace(attention_implementation="block_sparse"))
+    assert_named(
+        error,
+        where="attention_implementation",
+        value="'block_sparse'",
+        rule="the block-sparse kernels are Triton kernels for CUDA GPUs; this machine has none (no CUDA device",
+        fix='use "auto"',
+    )
 
 
 # --- checkpoint (the loaders a user's download goes through) ---------------------------------
@@ -498,15 +623,17 @@ def test_host_version_outside_range_skips_the_family_in_a_real_registry(tmp_path
 
 
 def _break_datasets(workdir: Path) -> None:
-    """Eleven bad rows at once; the plugin names all of them in one error."""
+    """Thirteen bad rows at once (and one that is fine now); the plugin names all of them in one error."""
     train = workdir / "datasets/longcat-video/train"
     val = workdir / "datasets/longcat-video/val"
+    shorts = workdir / "datasets/shorts"
 
     def add_clip(folder: Path, name: str, frames: int = 9, start_frame: bool = True) -> Path:
         video = synthetic_clip(len(name), frames=frames, height=64, width=64)
         path = write_video(folder / "clips" / f"{name}.mp4", video)
         (folder / "clips" / f"{name}.txt").write_text("a red square moves")
         if start_frame:
+            (folder / "start_frames").mkdir(parents=True, exist_ok=True)
             Image.fromarray(video[0]).save(folder / "start_frames" / f"{name.lower()}.png")
         return path
 
@@ -515,10 +642,14 @@ def _break_datasets(workdir: Path) -> None:
     _broken("zero-length", add_clip(train, "clip_012"))
     add_clip(train, "clip_013", frames=6)
     (train / "clips/clip_000.txt").write_text("")
+    # Accepted now (read from a PNG copy): must not be among the problems.
     (train / "start_frames/clip_001.png").rename(train / "start_frames/clip_001.PNG")
+    Image.new("RGB", (64, 48)).save(train / "start_frames/clip_002.png")  # another aspect ratio than its clip
     add_clip(val, "clip_101", start_frame=False)
     Image.new("RGB", (64, 64)).save(val / "start_frames/clip_102.png")
     add_clip(val, "Clip_103")
+    for index in range(2):
+        add_clip(shorts, f"short_{index}", frames=5, start_frame=False)
 
     stills = workdir / "datasets/stills"
     stills.mkdir()
@@ -529,11 +660,12 @@ def _break_datasets(workdir: Path) -> None:
     def edit(datasets: list) -> None:
         by_id = {dataset["id"]: dataset for dataset in datasets}
         by_id["longcat-video-val"]["video"].update(num_frames=8, min_frames=9)
+        shared = {key: by_id["longcat-video-train"][key] for key in ("type", "caption_strategy", "resolution")}
+        shared.update({key: by_id["longcat-video-train"][key] for key in ("resolution_type", "minimum_image_size")})
         datasets.insert(
             1,
             {
-                **{key: by_id["longcat-video-train"][key] for key in ("type", "caption_strategy", "resolution")},
-                **{key: by_id["longcat-video-train"][key] for key in ("resolution_type", "minimum_image_size")},
+                **shared,
                 "id": "stills",
                 "dataset_type": "image",
                 "instance_data_dir": str(stills),
@@ -541,19 +673,33 @@ def _break_datasets(workdir: Path) -> None:
                 "video": {"is_i2v": True},
             },
         )
+        datasets.insert(
+            2,
+            {
+                **shared,
+                "id": "shorts",
+                "dataset_type": "video",
+                "instance_data_dir": str(shorts / "clips"),
+                "cache_dir_vae": str(workdir / "cache/vae/shorts"),
+                "video": {"num_frames": 9, "min_frames": 9},
+            },
+        )
 
     edit_json(workdir / "config/multidatabackend.json", edit)
 
 
 @pytest.mark.slow
-def test_bad_datasets_stop_the_real_host_before_any_step(tmp_path):
+def test_bad_datasets_stop_the_real_host_before_anything_is_cached(tmp_path):
     code, log = run_host(tmp_path, _break_datasets)
     assert_nothing_trained(tmp_path, code, log)
     train, val = (tmp_path / f"datasets/longcat-video/{split}" for split in ("train", "val"))
     source = tmp_path / "config/multidatabackend.json"
     expected = [
-        f"{source} = '6 problems': the datasets break several rules:",
+        f"{source} = '7 problems': the datasets break several rules:",
         "dataset 'stills' is_i2v = \"dataset_type 'image'\": is_i2v marks a dataset of video clips",
+        f"dataset 'shorts' ({tmp_path / 'datasets/shorts/clips'}) = '2 clip(s) of 5 frames': every clip is shorter "
+        "than min_frames = 9, so there is no sample to train on",
+        "set video.num_frames and video.min_frames to 5",
         f"dataset 'longcat-video-train' ({train / 'clips'}) = ",
         "clip_010.mp4 cannot be decoded (corrupt or truncated",
         "clip_011.mp4 cannot be decoded (corrupt or truncated",
@@ -562,8 +708,8 @@ def test_bad_datasets_stop_the_real_host_before_any_step(tmp_path):
         "lower video.num_frames and video.min_frames to 5",
         f"dataset 'longcat-video-train' ({train / 'clips'}) caption files = 'clip_000.txt': caption files must not be "
         "empty",
-        "dataset 'longcat-video-cond' (conditioning) = 'clip_001.PNG': start frames paired with clips by name must "
-        "be PNG files",
+        "'clip_002.png is 64x48 (aspect 1.33), clip_002.mp4 is 64x64 (aspect 1.0)': a start frame must have its "
+        "clip's aspect ratio",
         "dataset 'longcat-video-val' video.num_frames = 8: LongCat-Video needs (frames - 1) % 4 == 0",
         "use 5 or 9",
         f"2 clip(s) in {val / 'clips'} have no start frame in {val / 'start_frames'}: Clip_103, clip_101",
@@ -573,6 +719,10 @@ def test_bad_datasets_stop_the_real_host_before_any_step(tmp_path):
     ]
     for text in expected:
         assert text in log, text
+    assert "clip_001.PNG" not in log
+    # Refused before the host configured a dataset: no latent, no text embedding, no bucket list.
+    assert not [path for path in tmp_path.rglob("*.pt") if "LongCat-Video-tiny" not in path.parts]
+    assert not list((tmp_path / "datasets").rglob("aspect_ratio_bucket_indices_*.json"))
 
 
 @pytest.mark.slow

@@ -1,20 +1,28 @@
-"""Config-time rules and the clip <-> start-frame pairing rule (host-shaped dataset records)."""
+"""Config-time rules, the data backend config as the family reads it, and the clip <-> start-frame pairing."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from simpletuner_longcat_video.data import (
+    START_FRAMES_FOLDER,
     check_datasets,
     check_frames,
     check_training_config,
+    describe_clip_processing,
     has_validation_start_images,
     parse_resolutions,
+    prepare_datasets,
 )
+from simpletuner_longcat_video.data_files import ClipInfo, LeftOut
 from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.tiny import build_tiny_dataset
 
 
 class Metadata:
@@ -84,8 +92,9 @@ def test_same_path_pairs_need_no_mapping():
     assert "conditioning_config" not in data["longcat-video-cond"]["config"]
 
 
-def test_non_png_start_frames_are_refused_with_the_fix():
-    with pytest.raises(LongCatVideoError, match=r"'a\.jpg'.*must be PNG"):
+def test_non_png_start_frames_that_reach_the_host_are_refused_with_the_fix():
+    # Only for records that did not pass through prepare_datasets (it hands the host PNG copies).
+    with pytest.raises(LongCatVideoError, match=r"'a\.jpg'.*reach SimpleTuner as <clip name>\.png.*\*\.jpg"):
         check_datasets(CONFIG, backends(["a.mp4"], ["a.jpg"]))
 
 
@@ -137,3 +146,147 @@ START = [{"path": "/data/start.png", "prompt": "a red square slides"}]
 def test_validation_start_images_are_recognised_in_both_shapes(value, expected):
     assert has_validation_start_images(SimpleNamespace(validation_input=value)) is expected
     assert has_validation_start_images(SimpleNamespace()) is False
+
+
+# --- prepare_datasets: multidatabackend.json as loaded, before the host configures anything -----
+
+
+def _user_config(tmp_path: Path) -> SimpleNamespace:
+    return SimpleNamespace(data_backend_config="config/multidatabackend.json", cache_dir=str(tmp_path / "cache"))
+
+
+def _shipped_form(**train_video) -> list[dict]:
+    """examples/multidatabackend.json's train pair with relative paths, sizes for the tiny clips."""
+    clips = {
+        "id": "longcat-video-train",
+        "type": "local",
+        "dataset_type": "video",
+        "instance_data_dir": "datasets/longcat-video/train/clips",
+        "caption_strategy": "textfile",
+        "resolution": 64,
+        "resolution_type": "pixel",
+        "cache_dir_vae": "cache/vae/longcat-video/train/clips",
+        "video": {"num_frames": 9, "min_frames": 9, "is_i2v": True, **train_video},
+        "conditioning_data": ["longcat-video-cond"],
+    }
+    frames = {
+        "id": "longcat-video-cond",
+        "type": "local",
+        "dataset_type": "conditioning",
+        "instance_data_dir": "datasets/longcat-video/train/start_frames",
+        "caption_strategy": None,
+        "resolution": 480,
+        "cache_dir_vae": "cache/vae/longcat-video/train/start_frames",
+    }
+    return [clips, frames]
+
+
+@pytest.fixture
+def users_folder(tmp_path, monkeypatch):
+    build_tiny_dataset(tmp_path / "datasets" / "longcat-video", clips=3, val_clips=0, frames=9)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_relative_data_folders_are_read_from_the_working_directory(users_folder):
+    datasets = _shipped_form()
+    prepare_datasets(_user_config(users_folder), datasets, log=False)
+    assert datasets[0]["instance_data_dir"] == str(users_folder / "datasets/longcat-video/train/clips")
+    assert datasets[1]["instance_data_dir"] == str(users_folder / "datasets/longcat-video/train/start_frames")
+    assert datasets[0]["cache_dir_vae"] == "cache/vae/longcat-video/train/clips"  # caches keep their names
+
+
+def test_the_seeds_is_i2v_beside_dataset_type_means_video_is_i2v(users_folder):
+    datasets = _shipped_form()
+    del datasets[0]["video"]["is_i2v"]
+    datasets[0]["is_i2v"] = True
+    prepare_datasets(_user_config(users_folder), datasets, log=False)
+    assert datasets[0]["video"]["is_i2v"] is True and "is_i2v" not in datasets[0]
+
+
+def test_the_seeds_dataset_without_a_video_block_trains_93_frames(users_folder):
+    # The seed's form verbatim: no video block. LongCat-Video's 93 frames apply, so the tiny 9-frame
+    # clips are refused by name (before this, the host's 5 s at framerate would have been used).
+    datasets = _shipped_form()
+    del datasets[0]["video"]
+    datasets[0]["is_i2v"] = True
+    with pytest.raises(LongCatVideoError, match="every clip is shorter than min_frames = 93"):
+        prepare_datasets(_user_config(users_folder), datasets, log=False)
+    assert datasets[0]["video"] == {"is_i2v": True, "num_frames": 93}
+
+
+def test_start_frames_in_other_formats_reach_the_host_as_png_copies(users_folder):
+    frames = users_folder / "datasets/longcat-video/train/start_frames"
+    Image.open(frames / "clip_001.png").convert("RGB").save(frames / "clip_001.jpg")
+    (frames / "clip_001.png").unlink()
+    datasets = _shipped_form()
+    prepare_datasets(_user_config(users_folder), datasets, log=False)
+    copies = users_folder / "cache" / START_FRAMES_FOLDER / "longcat-video-cond"
+    assert datasets[1]["instance_data_dir"] == str(copies)
+    assert sorted(os.listdir(copies)) == [".longcat_start_frames.json", "clip_000.png", "clip_001.png", "clip_002.png"]
+    assert sorted(os.listdir(frames)) == ["clip_000.png", "clip_001.jpg", "clip_002.png"]
+
+
+def test_png_start_frames_are_read_where_they_are(users_folder):
+    datasets = _shipped_form()
+    prepare_datasets(_user_config(users_folder), datasets, log=False)
+    assert datasets[1]["instance_data_dir"] == str(users_folder / "datasets/longcat-video/train/start_frames")
+    assert not (users_folder / "cache").exists()
+
+
+def test_start_frames_take_their_clips_resolution_settings(users_folder):
+    datasets = _shipped_form()
+    prepare_datasets(_user_config(users_folder), datasets, log=False)
+    assert (datasets[1]["resolution"], datasets[1]["resolution_type"]) == (64, "pixel")
+
+
+class BucketedMetadata:
+    def __init__(self, entries: dict[str, dict]) -> None:
+        self.aspect_ratio_bucket_indices = {"1.0": list(entries)}
+        self.entries = entries
+
+    def get_metadata_by_filepath(self, path: str) -> dict | None:
+        return self.entries.get(path)
+
+
+def _bucketed(crop: bool, entries: dict[str, dict]) -> dict:
+    settings = {"crop": crop, "video": {"num_frames": 9}}
+    return {
+        "train": {
+            "id": "train",
+            "dataset_type": "video",
+            "config": settings,
+            "metadata_backend": BucketedMetadata(entries),
+        }
+    }
+
+
+def test_the_log_line_says_what_the_host_did_to_each_clip():
+    entries = {
+        "/d/a.mp4": {
+            "original_size": [100, 72],
+            "target_size": [64, 64],
+            "intermediary_size": [64, 64],
+            "num_frames": 9,
+        },
+        "/d/b.mp4": {"original_size": [64, 64], "target_size": [64, 64], "num_frames": 9},
+    }
+    scan = LeftOut(
+        needed_frames=9, infos={"/d/a.mp4": ClipInfo(50, 100, 72, 24.0), "/d/b.mp4": ClipInfo(9, 64, 64, 24.0)}
+    )
+    (line,) = describe_clip_processing(SimpleNamespace(framerate=16), _bucketed(False, entries), {"train": scan})
+    assert "'train', 2 clips" in line
+    assert "100x72 -> 64x64 (1 clip): squashed, aspect 1.39 -> 1.00 (crop is off" in line
+    assert "64x64 -> 64x64 (1 clip)." in line or "64x64 -> 64x64 (1 clip);" in line
+    assert "Frames: the first 9 of 9 to 50" in line
+    assert (
+        "clips at 24 fps, framerate 16: frames are used as they are, not resampled, so validation videos play 0.67x"
+        in line
+    )
+
+
+def test_the_log_line_for_cropped_clips_names_the_crop():
+    entries = {"/d/a.mp4": {"original_size": [100, 72], "target_size": [64, 64], "intermediary_size": [88, 64]}}
+    (line,) = describe_clip_processing(SimpleNamespace(framerate=8), _bucketed(True, entries), {})
+    assert "100x72 -> 64x64 (1 clip): resized to 88x64, then cropped (crop_style random)" in line
+    assert "the files give none; validation videos are written at framerate 8" in line

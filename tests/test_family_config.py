@@ -21,7 +21,11 @@ def test_defaults_are_upstream_block_sparse_settings():
     assert (options.backend, options.sparsity, options.chunk, options.cdf_threshold) == ("auto", 0.875, (4, 4, 8), None)
 
 
-def test_keys_reach_the_options():
+def test_keys_reach_the_options(monkeypatch):
+    from simpletuner_longcat_video import attention_bsa
+
+    # As on a machine with CUDA and Triton (block_sparse is refused without them: test_bad_inputs).
+    monkeypatch.setattr(attention_bsa, "prerequisites", lambda: attention_bsa.Availability(True, "test"))
     options = attention_options_from_config(
         config(
             attention_implementation="block_sparse",

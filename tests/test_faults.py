@@ -145,6 +145,20 @@ def test_cache_entry_holding_nan_is_refused_and_moved_aside(registered_cache):
     assert not registered_cache.cache_file.exists() and torch.load(moved).isnan().sum() == 1
 
 
+def test_cache_entry_that_was_never_written_is_named_missing(registered_cache):
+    # What SimpleTuner 4.10.1 did with a relative instance_data_dir: a start-frame latent looked up
+    # under another name than it was written. Restarting alone never helps, so the fix says more.
+    def host_fetch(filepaths, data_backend_id, model):
+        return [registered_cache.retrieve_from_cache(fp) for fp in filepaths]
+
+    with pytest.raises(LongCatVideoError) as refused:
+        faults.checked_latents(host_fetch, ["/data/start_frames/clip_007.png"], "faults-unit", model=None)
+    error = refused.value
+    assert error.value == "missing: no cache file under this name"
+    assert f"delete {registered_cache.cache_file.parent} and start the run again" in error.fix
+    assert "already deleted" not in error.fix and "bytes" not in str(error)
+
+
 def test_latent_check_leaves_other_families_and_finite_latents_alone(registered_cache):
     latent = torch.randn(16, 3, 8, 8)
     torch.save(latent, registered_cache.cache_file)

@@ -15,7 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simpletuner_longcat_video import spec
-from simpletuner_longcat_video.data import check_datasets, check_frames, check_training_config, parse_resolutions
+from simpletuner_longcat_video.data import (
+    check_datasets,
+    check_frames,
+    check_training_config,
+    parse_resolutions,
+    prepare_datasets,
+)
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.family import attention_options_from_config
 from simpletuner_longcat_video.pipeline import check_video_size
@@ -179,3 +185,46 @@ def test_resolution_parser_only_raises_our_error(text):
     result = refused_or_accepted(parse_resolutions, text)
     if not isinstance(result, LongCatVideoError):
         assert all(isinstance(w, int) and isinstance(h, int) for w, h in result)
+
+
+# --- multidatabackend.json as the user writes it (before the host configures anything) --------
+
+any_json = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def config_files(draw) -> list:
+    """A data backend config: a clip dataset and a start-frame dataset with random keys and values."""
+
+    def maybe(settings: dict, key: str, values) -> None:
+        if draw(st.booleans()):
+            settings[key] = draw(values)
+
+    clips = {"id": draw(st.one_of(st.just("clips"), json_scalars))}
+    maybe(clips, "dataset_type", st.sampled_from(["video", "image", "conditioning", None]))
+    maybe(clips, "type", st.sampled_from(["local", "aws", None]))
+    maybe(clips, "instance_data_dir", st.one_of(st.just("/nonexistent/clips"), st.just("relative/clips"), json_scalars))
+    maybe(
+        clips,
+        "video",
+        st.one_of(any_json, st.fixed_dictionaries({}, optional={"num_frames": json_scalars, "is_i2v": json_scalars})),
+    )
+    maybe(clips, "is_i2v", json_scalars)
+    maybe(clips, "conditioning_data", st.one_of(st.just(["frames"]), any_json))
+    maybe(clips, "resolution", json_scalars)
+    maybe(clips, "crop", json_scalars)
+    frames = {"id": "frames", "dataset_type": "conditioning", "instance_data_dir": "/nonexistent/frames"}
+    maybe(frames, "resolution", json_scalars)
+    maybe(frames, "is_i2v", json_scalars)
+    return [clips, frames, *draw(st.lists(json_scalars, max_size=2))]
+
+
+@FUZZ
+@given(datasets=config_files())
+def test_reading_the_data_backend_config_only_raises_our_error(datasets, tmp_path_factory):
+    config = SimpleNamespace(data_backend_config="multidatabackend.json", cache_dir=str(tmp_path_factory.mktemp("c")))
+    refused_or_accepted(prepare_datasets, config, datasets)

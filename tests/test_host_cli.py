@@ -125,3 +125,17 @@ def test_train_unknown_flavour_names_the_valid_ones(tmp_path):
     assert "model_flavour = 'turbo'" in output
     assert "has the flavours ['final']" in output
     assert os.path.exists(tmp_path / "config" / "config.json")
+
+
+def test_train_block_sparse_without_cuda_is_refused_before_anything_loads(tmp_path):
+    checkpoint = _fake_layout(tmp_path)  # empty folders: reaching any load would fail otherwise
+    _write_config(tmp_path, pretrained_model_name_or_path=str(checkpoint), attention_implementation="block_sparse")
+    result = _simpletuner("train", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        "attention_implementation = 'block_sparse': the block-sparse kernels are Triton kernels for CUDA GPUs" in output
+    )
+    assert "this machine has none (no CUDA device" in output
+    assert "Loading AutoencoderKLWan" not in output and "text_encoder/config.json" not in output
+    assert not list(tmp_path.rglob("*.pt"))  # no cache of any kind

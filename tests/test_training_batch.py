@@ -123,3 +123,21 @@ def test_per_sample_start_latents_are_stacked_and_mismatched_ones_named():
     bad["filepaths"] = ["clips/a.mp4", "clips/b.mp4"]
     with pytest.raises(LongCatVideoError, match=r"clips/a.mp4.*share their clips' bucket size"):
         apply_i2v_condition(bad)
+
+
+@pytest.mark.parametrize("dataset_type", ["video", "image", "conditioning"])
+def test_training_pixels_are_in_the_range_the_pipeline_gives_the_vae(dataset_type):
+    # Clips and start frames reach the VAE as the pipeline's own preprocessing hands it a start
+    # image: [-1, 1]. The host's default for video families is [0, 1].
+    import numpy as np
+    from diffusers.video_processor import VideoProcessor
+    from PIL import Image
+
+    frame = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    transform = LongCatVideo.get_transforms(object.__new__(LongCatVideo), dataset_type)
+    sample = np.stack([frame, frame]) if dataset_type == "video" else Image.fromarray(frame)
+    pixels = transform(sample)
+    first = pixels[0] if dataset_type == "video" else pixels
+    expected = VideoProcessor(vae_scale_factor=8).preprocess(Image.fromarray(frame), height=16, width=24)[0]
+    assert torch.allclose(first, expected, atol=1e-6)
+    assert first.min() < -0.9 and first.max() > 0.9

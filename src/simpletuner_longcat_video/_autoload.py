@@ -7,9 +7,12 @@ has executed, the plugin's config options are added to the host's parser; right 
 collation module (``simpletuner.helpers.training.collate``) has executed, the LongCat-Video
 family's cached latents are checked on their way into a batch and, on a machine without an
 accelerator, collation stops pinning memory (SimpleTuner 4.10.1 pins cached latents
-unconditionally, which raises without a GPU); right after the validation module
+unconditionally, which raises without a GPU); right after the data backend factory
+(``simpletuner.helpers.data_backend.factory``) has executed, a family gets to read the data
+backend config before any dataset is configured; right after the validation module
 (``simpletuner.helpers.training.validation``) has executed, LongCat-Video's validation from the
-eval split starts from the paired start frames and its video files are named for what they hold. Until then nothing but ``sys`` is touched, so
+eval split starts from the paired start frames and its video files are named for what they hold.
+Until then nothing but ``sys`` is touched, so
 a Python process that never imports SimpleTuner pays only for reading this file (the startup
 benchmark in ``benchmarks/startup.py`` measures it). Set ``SIMPLETUNER_PLUGINS_DISABLE=1`` to
 skip the hook entirely.
@@ -24,6 +27,7 @@ HOOKS = {
     REGISTRY_MODULE: "register_entry_points",
     "simpletuner.helpers.configuration.cmd_args": "extend_host_arguments",
     "simpletuner.helpers.training.collate": "extend_host_collate",
+    "simpletuner.helpers.data_backend.factory": "extend_host_data_config",
     "simpletuner.helpers.training.validation": "extend_host_validation",
 }
 _fired: set = set()

@@ -66,16 +66,27 @@ def block_sparse_backend(
         raise BackendDeclined(str(exc)) from exc
 
 
-@functools.cache
-def is_available() -> Availability:
-    """Whether the kernels run here: CUDA present, Triton importable, and a tiny forward *and*
-    backward compile, run and agree with dense attention (the seam can only catch forward errors)."""
+def prerequisites() -> Availability:
+    """The cheap half of :func:`is_available`: a CUDA device and an importable Triton (nothing compiled).
+
+    Checked when the config is read (``attention_implementation: block_sparse``), before any weight loads.
+    """
     if not torch.cuda.is_available():
         return Availability(False, "no CUDA device (the block-sparse kernels are Triton GPU kernels)")
     try:
         import triton  # noqa: F401
     except Exception as exc:
         return Availability(False, f"triton is not importable: {exc!r}")
+    return Availability(True, "CUDA and Triton present")
+
+
+@functools.cache
+def is_available() -> Availability:
+    """Whether the kernels run here: CUDA present, Triton importable, and a tiny forward *and*
+    backward compile, run and agree with dense attention (the seam can only catch forward errors)."""
+    found = prerequisites()
+    if not found:
+        return found
     try:
         grid = (2, 4, 4)
         gen = torch.Generator(device="cuda").manual_seed(0)

@@ -11,12 +11,17 @@ Rules (from the quickstart, decided here once):
   64 px grid through ``aspect_bucket_alignment``, which must be 64 (the host's default; its parser
   offers nothing coarser).
 * An ``is_i2v`` video dataset with ``conditioning_data`` is paired with its start frames by file
-  name (the same relative path and stem; the start frame is a ``.png``, e.g. ``clip.mp4`` and
-  ``clip.png``; letter case counts). Any clip without a start frame and any start frame without a
-  clip is named before the first training step. ``is_i2v`` on a dataset that is not a video
-  dataset is refused.
-* What the host would silently drop or mis-train (undecodable, empty or too-short clips, empty
-  captions, images in a video dataset) is refused by ``data_files``.
+  name (the same relative path and stem, any image format: ``clip.mp4`` and ``clip.jpg``; letter
+  case counts). Any clip without a start frame, with several, or with one of another aspect ratio,
+  and any start frame without a clip is named. ``is_i2v`` on a dataset that is not a video dataset
+  is refused; the seed's ``"is_i2v": true`` beside ``dataset_type`` means ``video.is_i2v``.
+* What the host would silently drop or mis-train (undecodable, empty or too-short clips, empty or
+  missing captions, images in a video dataset) is refused by ``data_files``.
+
+Two passes: :func:`prepare_datasets` runs on the data backend config as soon as SimpleTuner has
+read it, before it configures, embeds or encodes anything, and checks every rule the files show;
+:func:`check_datasets` runs once the host has scanned every dataset, on the files it kept, and
+links each start frame to its clip.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
@@ -32,10 +38,16 @@ from simpletuner_longcat_video.errors import LongCatVideoError, listed
 
 logger = logging.getLogger("simpletuner_longcat_video.data")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The host pairs a clip with "<stem>.png" in its conditioning dataset when that dataset is of the
 # first-frame kind; it pairs identical paths otherwise.
 HOST_FIRST_FRAME_SUFFIX = ".png"
+# Under the host's cache_dir: PNG copies of start frames in other formats (data_files.mirror_as_png).
+START_FRAMES_FOLDER = "longcat_start_frames"
+# The settings that size a sample, which SimpleTuner 4.10.1 copies from a dataset to its
+# conditioning datasets (factory.py, synchronize_conditioning_settings) only after both have been
+# cached. Its minimum_image_size is a filter, not a size: a small start frame is scaled up to its
+# clip's bucket, as the pipeline scales a start image.
+RESOLUTION_SETTINGS = ("resolution", "resolution_type", "maximum_image_size", "target_downsample_size")
 
 
 def _whole_number(value: object) -> int | None:
@@ -180,9 +192,69 @@ def _file_lists(backends: dict) -> dict[str, list[str]]:
     return {key: sorted({path for share in shares for path in (share or {}).get(key, [])}) for key in mine}
 
 
+def _truthy(value: object) -> bool:
+    # JSON gives booleans; the WebUI and hand-written configs sometimes give "true"/"false".
+    return value.strip().lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
+
+
 def _marked_i2v(settings: dict) -> bool:
     video = settings.get("video")
-    return bool(settings.get("is_i2v")) or (isinstance(video, dict) and bool(video.get("is_i2v")))
+    return _truthy(settings.get("is_i2v")) or (isinstance(video, dict) and _truthy(video.get("is_i2v")))
+
+
+def _raise_all(source: str, problems: list[LongCatVideoError]) -> None:
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise LongCatVideoError(
+            where=source,
+            value=f"{len(problems)} problems",
+            rule="the datasets break several rules:\n"
+            + "\n".join(f"  {number}. {error}" for number, error in enumerate(problems, 1)),
+            fix="fix each one as its own 'Fix:' says; nothing was trained",
+        )
+
+
+def _not_a_video_dataset(source: str, dataset_id: object, dataset_type: object) -> LongCatVideoError:
+    return LongCatVideoError(
+        where=f"{source}: dataset {dataset_id!r} is_i2v",
+        value=f"dataset_type {dataset_type!r}",
+        rule="is_i2v marks a dataset of video clips; the host trains an image dataset as one-frame "
+        "samples, which have no frames after the start frame to learn",
+        fix='make it "dataset_type": "video" with clips (start images go in its conditioning dataset), '
+        "or drop is_i2v to train text-to-image on the images",
+    )
+
+
+def _video_settings(
+    source: str, dataset_id: object, dataset_type: object, settings: dict, problems: list[LongCatVideoError]
+) -> dict | None:
+    """A video dataset's ``video`` block with its frame counts checked; None for other datasets."""
+    if dataset_type != "video":
+        if _marked_i2v(settings):
+            raise _not_a_video_dataset(source, dataset_id, dataset_type)
+        return None
+    video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
+    for name in ("num_frames", "min_frames"):
+        if video.get(name) is not None:
+            try:
+                check_frames(video[name], f"{source}: dataset {dataset_id!r} video.{name}")
+            except LongCatVideoError as error:
+                problems.append(error)
+    return video
+
+
+def _pairing_error(
+    source: str, clip_id: object, cond_id: object, clip_count: int, frame_count: int, problems: list[str]
+) -> LongCatVideoError:
+    return LongCatVideoError(
+        where=f"{source}: datasets {clip_id!r} (is_i2v) and {cond_id!r} (conditioning)",
+        value=f"{clip_count} clips, {frame_count} start frames",
+        rule="every clip needs exactly one start frame with the same name (and the same sub-folder); "
+        + "; ".join(problems),
+        fix="add or rename the start frames so that clip_name.mp4 has clip_name.png (or .jpg, .webp, ...) in the "
+        "same sub-folder of the start-frame folder, or remove the unmatched files",
+    )
 
 
 def check_datasets(config: object, backends: dict | None = None) -> None:
@@ -203,16 +275,7 @@ def check_datasets(config: object, backends: dict | None = None) -> None:
             _check_dataset(source, backend_id, backend, files, problems)
         except LongCatVideoError as error:
             problems.append(error)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise LongCatVideoError(
-            where=source,
-            value=f"{len(problems)} problems",
-            rule="the datasets break several rules:\n"
-            + "\n".join(f"  {number}. {error}" for number, error in enumerate(problems, 1)),
-            fix="fix each one as its own 'Fix:' says; nothing was trained",
-        )
+    _raise_all(source, problems)
 
 
 def _check_dataset(
@@ -221,25 +284,9 @@ def _check_dataset(
     """One dataset's rules. A problem that leaves the rest checkable goes to ``problems``; one that
     makes the rest meaningless (not a video dataset, broken pairing) is raised."""
     settings = backend.get("config") or {}
-    dataset_type = backend.get("dataset_type")
-    if dataset_type != "video":
-        if _marked_i2v(settings):
-            raise LongCatVideoError(
-                where=f"{source}: dataset {backend_id!r} is_i2v",
-                value=f"dataset_type {dataset_type!r}",
-                rule="is_i2v marks a dataset of video clips; the host trains an image dataset as one-frame "
-                "samples, which have no frames after the start frame to learn",
-                fix='make it "dataset_type": "video" with clips (start images go in its conditioning dataset), '
-                "or drop is_i2v to train text-to-image on the images",
-            )
+    video = _video_settings(source, backend_id, backend.get("dataset_type"), settings, problems)
+    if video is None:
         return
-    video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
-    for name in ("num_frames", "min_frames"):
-        if video.get(name) is not None:
-            try:
-                check_frames(video[name], f"{source}: dataset {backend_id!r} video.{name}")
-            except LongCatVideoError as error:
-                problems.append(error)
     clip_root = settings.get("instance_data_dir")
     files = file_lists[backend.get("id", backend_id)]
     where = f"{source}: dataset {backend_id!r} ({clip_root})"
@@ -286,6 +333,11 @@ def _pairing_problems(
     return problems
 
 
+def _same_paths(clip_keys: dict[str, str], frame_keys: dict[str, str]) -> bool:
+    """Every start frame has its clip's file name, suffix included (start frames that are videos)."""
+    return all(os.path.splitext(frame_keys[key])[1] == os.path.splitext(clip)[1] for key, clip in clip_keys.items())
+
+
 def _check_pair(
     source: str,
     clip_id: str,
@@ -303,30 +355,25 @@ def _check_pair(
     frame_keys = {pair_key(path, cond_root): path for path in frame_paths}
     missing, extra = find_pairing_problems(clip_keys, frame_keys)
     if missing or extra:
-        raise LongCatVideoError(
-            where=f"{source}: datasets {clip_id!r} (is_i2v) and {cond_id!r} (conditioning)",
-            value=f"{len(clip_keys)} clips, {len(frame_keys)} start frames",
-            rule="every clip needs exactly one start frame with the same name (and the same sub-folder); "
-            + "; ".join(_pairing_problems(clip_root, cond_root, missing, extra, skipped)),
-            fix="add or rename the start frames so that clip_name.mp4 has clip_name.png beside its twin folder, "
-            "or remove the unmatched files",
-        )
-    same_path = all(
-        os.path.splitext(frame_keys[key])[1] == os.path.splitext(clip)[1] for key, clip in clip_keys.items()
-    )
-    if same_path:
+        problems = _pairing_problems(clip_root, cond_root, missing, extra, skipped)
+        raise _pairing_error(source, clip_id, cond_id, len(clip_keys), len(frame_keys), problems)
+    if _same_paths(clip_keys, frame_keys):
         return  # the host pairs identical relative paths itself
     # The host looks up exactly "<clip name>.png": "clip.PNG" is not found on a case-sensitive disk
     # and the clip then trains without its start frame (measured: a warning per step, no error).
+    # prepare_datasets hands the host PNG copies of other formats; this holds for datasets that did
+    # not pass through it (a config list given to the host directly).
     wrong = sorted(key for key, path in frame_keys.items() if not path.endswith(HOST_FIRST_FRAME_SUFFIX))
     if wrong:
+        suffixes = sorted({os.path.splitext(frame_keys[key])[1] for key in wrong})
         raise LongCatVideoError(
             where=f"{source}: dataset {cond_id!r} (conditioning)",
             value=listed([os.path.basename(frame_keys[key]) for key in wrong]),
-            rule="start frames paired with clips by name must be PNG files named <clip name>.png, lower-case "
-            "suffix: the host looks up exactly <clip name>.png",
-            fix=f"convert them, e.g. `mogrify -format png {cond_root}/*.jpg`, rename .PNG to .png, and remove the "
-            "originals",
+            rule="start frames paired with clips by name reach SimpleTuner as <clip name>.png, lower-case suffix: "
+            "its lookup tries exactly that name",
+            fix="let SimpleTuner read the data backend config from its file (the plugin then hands it PNG copies), "
+            "or convert them yourself, e.g. "
+            + ", ".join(f"`mogrify -format png {cond_root}/*{suffix}`" for suffix in suffixes),
         )
     # The host's own first-frame conditioning datasets work this way: the dataset is marked
     # "i2v_first_frame" (clip.ext -> clip.png for the lookup) and each start frame's metadata
@@ -345,4 +392,372 @@ def _check_pair(
         len(clip_keys),
         clip_id,
         cond_id,
+    )
+
+
+# --- before SimpleTuner configures anything ----------------------------------------------------
+
+
+def _active(datasets: list) -> list[dict]:
+    return [d for d in datasets if isinstance(d, dict) and not (d.get("disabled") or d.get("disable"))]
+
+
+def _conditioning_ids(settings: dict) -> list[str]:
+    value = settings.get("conditioning_data") or []
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def _local(settings: dict) -> bool:
+    return (settings.get("type") or "local") == "local"
+
+
+def _aspect(size: tuple[int, int], rounding: int) -> float:
+    # SimpleTuner buckets by width / height rounded to aspect_bucket_rounding (2) decimals.
+    return round(size[0] / size[1], rounding)
+
+
+def _rounding(config: object) -> int:
+    value = _whole_number(getattr(config, "aspect_bucket_rounding", None))
+    return 2 if value is None or value < 0 else value
+
+
+def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dict[str, data_files.LeftOut]:
+    """Read the data backend config as the family means it, and check every rule its files show.
+
+    Runs when SimpleTuner 4.10.1 has read ``multidatabackend.json`` and before it configures,
+    embeds or encodes anything (``plugin.extend_host_data_config``), on the list the host will use,
+    which is changed in place:
+
+    * a relative ``instance_data_dir`` is made absolute (against the working directory, as the
+      host reads it): the host names cache files from the relative name and the absolute file
+      paths it lists, and looks start-frame latents up under another name than it wrote them;
+    * the seed's ``"is_i2v": true`` beside ``dataset_type`` becomes ``video.is_i2v`` (the only
+      place the host reads it), and a video dataset without ``video.num_frames`` gets 93;
+    * a start-frame dataset takes its clips' resolution settings (the host copies them only after
+      both datasets are cached, too late for the start frames' latents);
+    * start frames that are not ``<clip name>.png`` are read from PNG copies in a folder under
+      ``cache_dir`` (``data_files.mirror_as_png``); the user's folder is left alone.
+
+    Every problem found is named in one error. Returns each local video dataset's scan (its clips'
+    frame counts, sizes and frame rates) for the log once the host has bucketed them.
+    """
+    source = getattr(config, "data_backend_config", None) or "the data backend config"
+    active = _active(datasets)
+    # An id that is no string is the host's to refuse (it checks ids when it configures).
+    by_id = {settings["id"]: settings for settings in active if isinstance(settings.get("id"), str)}
+    problems: list[LongCatVideoError] = []
+    notes: list[str] = []
+    _normalise(source, active, by_id, problems, notes)
+    scans: dict[str, data_files.LeftOut] = {}
+    conversions: dict[str, dict[str, str]] = {}
+    for settings in active:
+        try:
+            _check_dataset_files(source, settings, by_id, _rounding(config), scans, conversions, problems)
+        except LongCatVideoError as error:
+            problems.append(error)
+    _raise_all(source, problems)
+    cache_root = getattr(config, "cache_dir", None) or os.path.join(getattr(config, "output_dir", None) or ".", "cache")
+    for cond_id, frames in conversions.items():
+        cond = by_id[cond_id]
+        folder = os.path.abspath(os.path.join(cache_root, START_FRAMES_FOLDER, str(cond_id).replace(os.sep, "_")))
+        written = data_files.mirror_as_png(frames, folder)
+        kinds = Counter(os.path.splitext(path)[1] for path in frames.values())
+        notes.append(
+            f"start frames of dataset {cond_id!r} ({', '.join(f'{n} {s}' for s, n in sorted(kinds.items()))}) are "
+            f"read from PNG copies in {folder} ({written} of {len(frames)} written now, the rest were up to date): "
+            f"SimpleTuner looks a start frame up as <clip name>.png; {cond.get('instance_data_dir')} is not changed"
+        )
+        cond["instance_data_dir"] = folder
+    if log:
+        for note in notes:
+            logger.info("LongCat-Video datasets: %s", note)
+    return scans
+
+
+def _normalise(
+    source: str, active: list[dict], by_id: dict, problems: list[LongCatVideoError], notes: list[str]
+) -> None:
+    relative = []
+    for settings in active:
+        root = settings.get("instance_data_dir")
+        if _local(settings) and isinstance(root, str) and root and not os.path.isabs(root):
+            settings["instance_data_dir"] = os.path.abspath(root)
+            relative.append(settings.get("id"))
+        if settings.get("dataset_type") != "video" or not isinstance(settings.get("video", {}), dict):
+            continue
+        video = settings.setdefault("video", {})
+        if "is_i2v" in settings:
+            top = _truthy(settings.pop("is_i2v"))
+            if "is_i2v" in video and _truthy(video["is_i2v"]) != top:
+                problems.append(
+                    LongCatVideoError(
+                        where=f"{source}: dataset {settings.get('id')!r} is_i2v",
+                        value=f"{top} beside dataset_type, {video['is_i2v']} in video",
+                        rule="the two is_i2v settings disagree",
+                        fix='keep one: "video": {"is_i2v": true, ...} (the seed\'s top-level is_i2v means the same)',
+                    )
+                )
+                continue
+            video["is_i2v"] = top
+            notes.append(
+                f"dataset {settings.get('id')!r}: is_i2v beside dataset_type read as video.is_i2v = {json.dumps(top)}"
+            )
+        if video.get("num_frames") is None:
+            video["num_frames"] = spec.DEFAULT_NUM_FRAMES
+            notes.append(f"dataset {settings.get('id')!r}: video.num_frames not set, using LongCat-Video's 93")
+    if relative:
+        notes.append(
+            f"relative instance_data_dir of {listed(relative)} read from {os.getcwd()} (made absolute: SimpleTuner "
+            "4.10.1 would otherwise look start-frame latents up under another name than it wrote them)"
+        )
+    _share_resolution_settings(source, active, by_id, problems, notes)
+
+
+def _share_resolution_settings(
+    source: str, active: list[dict], by_id: dict, problems: list[LongCatVideoError], notes: list[str]
+) -> None:
+    owner: dict[str, str] = {}
+    for settings in active:
+        if settings.get("dataset_type") != "video":
+            continue
+        for cond_id in _conditioning_ids(settings):
+            cond = by_id.get(cond_id)
+            if cond is None:
+                continue
+            for key in RESOLUTION_SETTINGS:
+                if key not in settings or cond.get(key) == settings[key]:
+                    continue
+                if (cond_id, key) in owner:
+                    problems.append(
+                        LongCatVideoError(
+                            where=f"{source}: dataset {cond_id!r} (conditioning) {key}",
+                            value=f"{owner[cond_id, key]!r} and {settings.get('id')!r} disagree",
+                            rule="a start-frame dataset takes its clips' resolution settings, so the clip datasets "
+                            "it serves must agree on them",
+                            fix="give each clip dataset its own start-frame dataset, or the same resolution settings",
+                        )
+                    )
+                    continue
+                if key in cond:
+                    notes.append(f"dataset {cond_id!r}: {key} {cond[key]!r} -> {settings[key]!r} (from its clips)")
+                cond[key] = settings[key]
+                owner[cond_id, key] = settings.get("id")
+
+
+def _check_dataset_files(
+    source: str,
+    settings: dict,
+    by_id: dict,
+    rounding: int,
+    scans: dict[str, data_files.LeftOut],
+    conversions: dict[str, dict[str, str]],
+    problems: list[LongCatVideoError],
+) -> None:
+    """One dataset's rules from its files (a problem that leaves the rest checkable goes to ``problems``)."""
+    dataset_id = settings.get("id")
+    video = _video_settings(source, dataset_id, settings.get("dataset_type"), settings, problems)
+    if video is None:
+        return
+    root = settings.get("instance_data_dir")
+    if not _local(settings) or not isinstance(root, str):
+        return  # files elsewhere (S3, Hugging Face), or no folder: the host's checks and the second pass
+    where = f"{source}: dataset {dataset_id!r} ({root})"
+    scan = data_files.scan_left_out(root, [], video.get("min_frames"), video.get("num_frames"))
+    if isinstance(dataset_id, str):
+        scans[dataset_id] = scan
+    clips = sorted(scan.infos)
+    images = data_files.files_on_disk(root, data_files.image_suffixes())
+    for check, args, kwargs in (
+        (data_files.check_video_dataset_holds_videos, (where, root, clips + images), {}),
+        (data_files.check_left_out, (where, scan), {}),
+        (data_files.check_captions, (f"{where} caption files", settings, clips), {"missing_too": True}),
+    ):
+        try:
+            check(*args, **kwargs)
+        except LongCatVideoError as error:
+            problems.append(error)
+    if not _truthy(video.get("is_i2v")):
+        return
+    clip_keys = {pair_key(path, root): path for path in clips}
+    crops_square = _truthy(settings.get("crop")) and settings.get("crop_aspect") == "square"
+    for cond_id in _conditioning_ids(settings):
+        try:
+            frames = _paired_files(source, dataset_id, root, clip_keys, by_id, cond_id)
+            if frames is None:
+                continue
+            if not crops_square:
+                _check_aspects(source, dataset_id, root, clip_keys, scan.infos, cond_id, frames, rounding)
+            if not _same_paths(clip_keys, frames) and not all(
+                path.endswith(HOST_FIRST_FRAME_SUFFIX) for path in frames.values()
+            ):
+                conversions[cond_id] = frames
+        except LongCatVideoError as error:
+            problems.append(error)
+
+
+def _paired_files(
+    source: str, clip_id: object, clip_root: str, clip_keys: dict[str, str], by_id: dict, cond_id: str
+) -> dict[str, str] | None:
+    """Pairing key -> start-frame file of a conditioning dataset, refused unless every clip has exactly one."""
+    cond = by_id.get(cond_id)
+    if cond is None:
+        raise LongCatVideoError(
+            where=f"{source}: dataset {clip_id!r} conditioning_data",
+            value=cond_id,
+            rule="names no dataset of this config",
+            fix='use the id of the start-frame dataset, e.g. "conditioning_data": ["longcat-video-cond"]',
+        )
+    cond_root = cond.get("instance_data_dir")
+    if not _local(cond) or not isinstance(cond_root, str):
+        return None
+    found = data_files.files_on_disk(cond_root, data_files.image_suffixes() | data_files.video_suffixes())
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for path in found:
+        by_key[pair_key(path, cond_root)].append(path)
+    frames = {key: paths[0] for key, paths in by_key.items()}
+    missing, extra = find_pairing_problems(clip_keys, frames)
+    problems = _pairing_problems(clip_root, cond_root, missing, extra, set())
+    several = sorted(key for key, paths in by_key.items() if len(paths) > 1 and key in clip_keys)
+    if several:
+        named = [" and ".join(os.path.basename(path) for path in by_key[key]) for key in several]
+        problems.append(f"{len(several)} clip(s) have several start frames: {listed(named)}")
+    if problems:
+        raise _pairing_error(source, clip_id, cond_id, len(clip_keys), len(frames), problems)
+    return frames
+
+
+def _check_aspects(
+    source: str,
+    clip_id: object,
+    clip_root: str,
+    clip_keys: dict[str, str],
+    infos: dict[str, data_files.ClipInfo],
+    cond_id: str,
+    frames: dict[str, str],
+    rounding: int,
+) -> None:
+    """Each start frame has its clip's aspect ratio, so both land in the same bucket."""
+    unreadable, other = [], []
+    for key, clip in sorted(clip_keys.items()):
+        info = infos.get(clip)
+        if info is None or info.problem:
+            continue  # refused as a clip already
+        size = data_files.image_size(frames[key])
+        if isinstance(size, str):
+            unreadable.append(f"{os.path.basename(frames[key])} {size}")
+            continue
+        clip_size = (info.width, info.height)
+        if _aspect(size, rounding) != _aspect(clip_size, rounding):
+            other.append(
+                f"{os.path.basename(frames[key])} is {size[0]}x{size[1]} (aspect {_aspect(size, rounding)}), "
+                f"{os.path.relpath(clip, clip_root)} is {clip_size[0]}x{clip_size[1]} (aspect {_aspect(clip_size, rounding)})"
+            )
+    if unreadable:
+        raise LongCatVideoError(
+            where=f"{source}: dataset {cond_id!r} (conditioning)",
+            value=listed(unreadable),
+            rule="a start frame must be an image file Pillow can read (PNG, JPEG, WEBP, BMP, ...) or a video",
+            fix="re-save or replace these files",
+        )
+    if other:
+        raise LongCatVideoError(
+            where=f"{source}: datasets {clip_id!r} (is_i2v) and {cond_id!r} (conditioning)",
+            value=listed(other, limit=4),
+            rule=f"a start frame must have its clip's aspect ratio (width / height to {rounding} decimals, as "
+            "SimpleTuner buckets them): in another bucket its latent has another size than the clip's, and the run "
+            "would stop at its first batch",
+            fix="crop or pad each start frame to its clip's aspect ratio (or save the clip's own first frame, e.g. "
+            "`ffmpeg -i clip.mp4 -frames:v 1 clip.png`)",
+        )
+
+
+# --- once SimpleTuner has bucketed the clips --------------------------------------------------
+
+
+def describe_clip_processing(
+    config: object, backends: dict | None = None, scans: dict[str, data_files.LeftOut] | None = None
+) -> list[str]:
+    """One line per video dataset: what SimpleTuner does to its clips (bucket, crop, frames, frame rate).
+
+    Read from the host's own metadata (the size it chose for every clip), so the line says what
+    happens, not what should; the frame rates come from ``prepare_datasets``'s scan.
+    """
+    if backends is None:
+        from simpletuner.helpers.training.state_tracker import StateTracker
+
+        backends = getattr(StateTracker, "data_backends", {}) or {}
+    scans = scans or {}
+    framerate = getattr(config, "framerate", None)
+    lines = []
+    for backend_id, backend in backends.items():
+        if backend.get("dataset_type") != "video" or backend.get("metadata_backend") is None:
+            continue
+        settings = backend.get("config") or {}
+        metadata = backend["metadata_backend"]
+        entries = [metadata.get_metadata_by_filepath(path) for path in _rank_files(backend)]
+        entries = [entry for entry in entries if isinstance(entry, dict) and entry.get("target_size")]
+        if not entries:
+            continue
+        scan = scans.get(backend.get("id", backend_id))
+        lines.append(_clip_line(backend.get("id", backend_id), settings, entries, scan, framerate))
+    return lines
+
+
+def _size(value: object) -> tuple[int, int]:
+    width, height = value  # the host stores sizes as (width, height) lists
+    return int(width), int(height)
+
+
+def _clip_line(
+    dataset_id: object, settings: dict, entries: list[dict], scan: data_files.LeftOut | None, framerate: object
+) -> str:
+    crop = _truthy(settings.get("crop"))
+    groups = Counter(
+        (_size(e["original_size"]), _size(e["target_size"]), _size(e.get("intermediary_size") or e["target_size"]))
+        for e in entries
+    )
+    sizes = []
+    for (original, target, middle), count in groups.most_common(4):
+        text = f"{original[0]}x{original[1]} -> {target[0]}x{target[1]} ({count} clip{'s' if count > 1 else ''})"
+        before, after = original[0] / original[1], target[0] / target[1]
+        if crop and middle != target:
+            text += f": resized to {middle[0]}x{middle[1]}, then cropped (crop_style {settings.get('crop_style') or 'random'})"
+        elif abs(before - after) > 0.01:
+            text += f": squashed, aspect {before:.2f} -> {after:.2f} (crop is off; crop: true would crop instead)"
+        elif original != target:
+            text += ": resized"
+        sizes.append(text)
+    if len(groups) > 4:
+        sizes.append(f"{len(groups) - 4} more size groups")
+    video = settings.get("video") or {}
+    num_frames = video.get("num_frames")
+    # The host's metadata keeps the count after its own trim to a valid count; the scan read the files.
+    infos = scan.infos if scan else {}
+    source = sorted(infos[path].frames for path in infos if not infos[path].problem) or sorted(
+        int(e.get("original_num_frames") or e.get("num_frames") or 0) for e in entries
+    )
+    more = "+" if any(not info.counted for info in infos.values()) else ""
+    span = f"{source[0]}{more}" if source[0] == source[-1] else f"{source[0]} to {source[-1]}{more}"
+    if num_frames and source[-1] > int(num_frames):
+        frames = f"the first {num_frames} of {span} (video.num_frames; later frames are not used)"
+    else:
+        frames = f"all {span}"
+    rates = sorted({round(info.fps, 3) for info in (scan.infos.values() if scan else []) if info.fps})
+    if not rates:
+        rate = f"the files give none; validation videos are written at framerate {framerate}"
+    elif framerate and rates == [float(framerate)]:
+        rate = f"{rates[0]:g} fps, the same as framerate"
+    else:
+        shown = ", ".join(f"{r:g}" for r in rates)
+        speed = (
+            f", so validation videos play {float(framerate) / rates[0]:.2f}x as fast as the clips"
+            if framerate and len(rates) == 1
+            else ""
+        )
+        rate = f"clips at {shown} fps, framerate {framerate}: frames are used as they are, not resampled{speed}"
+    return (
+        f"LongCat-Video dataset {dataset_id!r}, {len(entries)} clips: size {'; '.join(sizes)}. Frames: {frames}. "
+        f"Frame rate: {rate}."
     )

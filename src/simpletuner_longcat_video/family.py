@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLWan
 from PIL import Image
 from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
 from simpletuner.helpers.training.state_tracker import StateTracker
+from torchvision import transforms
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import data, faults, spec
@@ -142,11 +143,30 @@ class LongCatVideo(VideoModelFoundation):
         # eval-split I2V validation keep the host's usual paths.
         return data.has_validation_start_images(self.config)
 
+    def prepare_data_backend_config(self, datasets: list) -> list:
+        # Called (plugin.extend_host_data_config) once SimpleTuner has read multidatabackend.json,
+        # before it configures, embeds or encodes anything: every rule the files show is checked
+        # here, so a refusal costs seconds, not a built VAE cache.
+        self._dataset_scans = data.prepare_datasets(self.config, datasets, log=self.accelerator.is_main_process)
+        return datasets
+
     def configure_data_signals(self, **signals: bool) -> None:
         # Called by the host's data factory once every dataset is configured and connected:
-        # the last moment before training, and the first at which both file lists are known.
+        # the last moment before training, and the first at which the host's file lists are known.
         super().configure_data_signals(**signals)
         data.check_datasets(self.config)
+        if self.accelerator.is_main_process:
+            for line in data.describe_clip_processing(self.config, scans=getattr(self, "_dataset_scans", None)):
+                logger.info("%s", line)
+
+    def get_transforms(self, dataset_type: str = "image"):
+        # The Wan VAE takes pixels in [-1, 1]: the official model was trained so, and the pipeline
+        # hands it a start image so. SimpleTuner 4.10.1's video families default to ToTensor alone
+        # ([0, 1]), which would train on latents of another range than sampling conditions on.
+        base = super().get_transforms(dataset_type=dataset_type)
+        if dataset_type == "audio":
+            return base
+        return transforms.Compose([base, transforms.Normalize([0.5], [0.5])])
 
     def scale_vae_latents_for_cache(self, latents, vae):
         if torch.is_tensor(latents) and latents.dim() == 5:
@@ -375,6 +395,18 @@ def attention_options_from_config(config: object) -> AttentionOptions:
             rule=f"must be one of {list(spec.ATTENTION_IMPLEMENTATIONS)}",
             fix='use "auto" unless you need to force a backend',
         )
+    if backend == "block_sparse":
+        from simpletuner_longcat_video import attention_bsa
+
+        found = attention_bsa.prerequisites()
+        if not found:
+            raise LongCatVideoError(
+                where="attention_implementation",
+                value=backend,
+                rule=f"the block-sparse kernels are Triton kernels for CUDA GPUs; this machine has none ({found.reason})",
+                fix='use "auto" (block-sparse on a CUDA GPU where the kernels run, SDPA elsewhere) or "sdpa"; '
+                "on a GPU machine install torch with CUDA and triton",
+            )
     if backend == "xformers":
         if not xformers_available():
             raise LongCatVideoError(

@@ -2,7 +2,8 @@
 
 * A cached latent that cannot be read, or that holds NaN/inf, is refused with the cache file, the
   dataset and the source clip named, and moved aside as ``<file>.corrupt`` so that the host
-  re-encodes it from the clip at the next start. SimpleTuner 4.10.1 itself dies on such a file
+  re-encodes it from the clip at the next start. One that does not exist at all is named as
+  missing (a restart alone would not write it). SimpleTuner 4.10.1 itself dies on such a file
   with a bare unpickling error, possibly hours into a run, and never trains on it.
 * A non-finite prediction is explained (which inputs, which weights) next to the batch's files;
   the host's own non-finite-loss check then stops the run (4.10.1 has no option to skip the step).
@@ -24,6 +25,7 @@ from simpletuner_longcat_video.errors import LongCatVideoError
 logger = logging.getLogger("simpletuner_longcat_video.faults")
 
 QUARANTINE_SUFFIX = ".corrupt"
+MISSING = "missing: no cache file under this name"
 _SHOWN = 3  # names listed in a message before "and N more"
 
 
@@ -65,7 +67,14 @@ def corrupt_latent_error(
     local = getattr(getattr(vae_cache, "cache_data_backend", None), "type", None) == "local"
     again = "start the run again (with resume_from_checkpoint: latest to keep the steps done)"
     moved = cache_file + QUARANTINE_SUFFIX
-    if local and _move_aside(cache_file, moved):
+    if problem == MISSING:
+        # Not damaged: looked up under a name the cache never wrote, so a restart alone finds nothing new.
+        folder = getattr(vae_cache, "cache_dir", None) or os.path.dirname(cache_file)
+        fix = (
+            f"delete {folder} and {again}: SimpleTuner then encodes {filepath} again under the name it looks up; "
+            "if this repeats, the file names SimpleTuner caches and the ones it asks for differ (report it)"
+        )
+    elif local and _move_aside(cache_file, moved):
         fix = f"it was moved to {moved}; {again} and SimpleTuner re-encodes it from {filepath}"
     elif local:
         fix = f"SimpleTuner already deleted it; {again} and it is re-encoded from {filepath}"
@@ -89,7 +98,9 @@ def _unreadable_entry(vae_cache: Any, filepaths: Iterable[str]) -> tuple[str, st
         except Exception as exc:
             # torch's own message for a damaged file talks about weights_only, which misleads.
             cache_file = _cache_file(vae_cache, filepath)
-            size = os.path.getsize(cache_file) if os.path.exists(cache_file) else 0
+            if not os.path.exists(cache_file):
+                return str(filepath), MISSING
+            size = os.path.getsize(cache_file)
             return str(filepath), f"unreadable: {type(exc).__name__} loading its {size} bytes (truncated or damaged)"
         if _latent_tensor(entry) is None:
             return str(filepath), "unreadable (the cache returned no tensor)"

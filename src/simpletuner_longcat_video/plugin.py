@@ -324,6 +324,30 @@ def extend_host_arguments(cmd_args: Any) -> None:
     cmd_args.get_argument_parser = get_argument_parser
 
 
+def extend_host_data_config(factory: Any) -> None:
+    """Let a family read the data backend config before SimpleTuner 4.10.1 configures any dataset.
+
+    The host reads ``multidatabackend.json`` in ``FactoryRegistry.load_configuration`` and then
+    configures the datasets one by one, each scanned and VAE-encoded before the next is read; no
+    family hook runs in between, so a rule broken by the third dataset's files was found only after
+    the first two were encoded. The wrapped method hands the loaded list to the model's
+    ``prepare_data_backend_config(datasets)`` when the family defines one; other families get the
+    host's list unchanged.
+    """
+    registry = factory.FactoryRegistry
+    original = registry.load_configuration
+    if getattr(original, "_plugin_wrapped", False):
+        return
+
+    def load_configuration(self: Any) -> Any:
+        datasets = original(self)
+        prepare = getattr(getattr(self, "model", None), "prepare_data_backend_config", None)
+        return datasets if prepare is None else prepare(datasets)
+
+    load_configuration._plugin_wrapped = True  # type: ignore[attr-defined]
+    registry.load_configuration = load_configuration
+
+
 def extend_host_collate(collate: Any) -> None:
     """Everything the plugin changes in the host's batch collation module, once it has executed."""
     from simpletuner_longcat_video.faults import install_latent_check

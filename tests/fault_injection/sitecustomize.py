@@ -1,23 +1,23 @@
 """Test-only fault injection and recording for host training runs; never on a user's path.
 
 Tests put this folder on PYTHONPATH, so Python imports this file at start-up in every process of
-the run (the ``simpletuner`` CLI, ``accelerate launch``, the training worker). Nothing happens
-unless one of these variables is set:
+the run (the ``simpletuner`` CLI, ``accelerate launch``, the training worker). Each part is off
+unless its environment variable is set:
 
-``LONGCAT_FAULT_BSA_FAIL_AT=N`` (tests/test_faults.py): once
-``simpletuner_longcat_video.attention_bsa`` has been imported its availability probe says yes (this
-machine has no CUDA for the Triton kernel) and the kernel call it makes is replaced: launches
-1..N-1 return dense attention, as a working kernel at sparsity 0 would, and launch N raises the
-error a GPU driver gives for a bad launch.
+* ``LONGCAT_FAULT_BSA_FAIL_AT=N`` (tests/test_faults.py): once
+  ``simpletuner_longcat_video.attention_bsa`` has been imported its availability probes say yes
+  (this machine has no CUDA for the Triton kernel) and the kernel call it makes is replaced:
+  launches 1..N-1 return dense attention, as a working kernel at sparsity 0 would, and launch N
+  raises the error a GPU driver gives for a bad launch.
+* ``LONGCAT_RECORD_DIR=<folder>`` (tests/test_i2v_training.py, tests/test_user_data.py): once
+  ``simpletuner_longcat_video.family`` has been imported, every pipeline call writes
+  ``<folder>/pipeline_call_<n>.pt`` (the start image it was given, the generator's state on entry,
+  the latents the DiT sees at its first step, the size, the autocast and VAE dtypes) and every
+  training batch, right after the family has put the start frame into it
+  (``prepare_batch_conditions``), writes ``<folder>/batch_<n>.pt`` (its files, latent frame 0 and
+  the number of condition frames). Only recorded, never changed.
 
-``LONGCAT_RECORD_DIR=<folder>`` (tests/test_i2v_training.py): once ``simpletuner_longcat_video.family``
-has been imported, every pipeline call writes ``<folder>/pipeline_call_<n>.pt`` (the start image it
-was given, the generator's state on entry, the latents the DiT sees at its first step, the size,
-the autocast and VAE dtypes)
-and every training batch writes ``<folder>/batch_<n>.pt`` (its files and latent frame 0 after the
-I2V condition). Only recorded, never changed.
-
-Everything around is the real code: host loop, family, attention seam, pipeline.
+Everything around these points is the real code: host loop, family, attention seam, pipeline.
 """
 
 import functools
@@ -28,7 +28,7 @@ FAIL_AT = int(os.environ.get("LONGCAT_FAULT_BSA_FAIL_AT", "0") or 0)
 RECORD_DIR = os.environ.get("LONGCAT_RECORD_DIR")
 
 
-def _inject_bsa_fault(module) -> None:
+def _inject_bsa_failure(module) -> None:
     import torch.nn.functional as F
 
     launches = [0]
@@ -44,6 +44,7 @@ def _inject_bsa_fault(module) -> None:
         return F.scaled_dot_product_attention(q, k, v)
 
     module.is_available = available
+    module.prerequisites = available  # the config-time check for CUDA and Triton
     module.block_sparse_attention = kernel
 
 
@@ -55,7 +56,7 @@ def _record_calls(family) -> None:
 
     def save(kind: str, record: dict) -> None:
         counts[kind] += 1
-        torch.save(record, os.path.join(RECORD_DIR, f"{kind}_{counts[kind]}.pt"))
+        torch.save(record, os.path.join(RECORD_DIR, f"{kind}_{counts[kind]:03d}.pt"))
 
     pipeline_class = family.LongCatVideoPipeline
     original_call = pipeline_class.__call__
@@ -90,21 +91,30 @@ def _record_calls(family) -> None:
     def prepare_batch_conditions(self, batch, state):
         batch = original_conditions(self, batch, state)
         files = batch.get("filepaths") or batch.get("image_paths") or []
-        save("batch", {"files": list(files), "frame0": batch["latents"][:, :, :1].detach().float().cpu().clone()})
+        save(
+            "batch",
+            {
+                "files": [str(path) for path in files],
+                "frame0": batch["latents"][:, :, :1].detach().float().cpu().clone(),
+                "num_cond_latents": int(batch.get("num_cond_latents", 0) or 0),
+            },
+        )
         return batch
 
     pipeline_class.__call__ = call
     family.LongCatVideo.prepare_batch_conditions = prepare_batch_conditions
 
 
+TARGETS = {}
+if FAIL_AT > 0:
+    TARGETS["simpletuner_longcat_video.attention_bsa"] = _inject_bsa_failure
+if RECORD_DIR:
+    TARGETS["simpletuner_longcat_video.family"] = _record_calls
+
+
 class _Watcher:
-    """Runs ``inject(module)`` right after ``target`` has executed."""
-
-    def __init__(self, target, inject):
-        self.target, self.inject = target, inject
-
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.target:
+        if fullname not in TARGETS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -116,17 +126,17 @@ class _Watcher:
             return None
         exec_module = spec.loader.exec_module
 
+        # A spec can be asked for and never used (the plugin resolves entry-point modules with
+        # importlib.util.find_spec), so the target is done only once its module has executed.
         def exec_and_inject(module):
             exec_module(module)
-            if self in sys.meta_path:  # once: a find_spec alone (the plugin's entry-point check) loads nothing
+            TARGETS.pop(fullname)(module)
+            if not TARGETS and self in sys.meta_path:
                 sys.meta_path.remove(self)
-                self.inject(module)
 
         spec.loader.exec_module = exec_and_inject
         return spec
 
 
-if FAIL_AT > 0:
-    sys.meta_path.insert(0, _Watcher("simpletuner_longcat_video.attention_bsa", _inject_bsa_fault))
-if RECORD_DIR:
-    sys.meta_path.insert(0, _Watcher("simpletuner_longcat_video.family", _record_calls))
+if TARGETS:
+    sys.meta_path.insert(0, _Watcher())
