@@ -4,8 +4,8 @@ Builds a **full-size random checkpoint in the official layout** (DiT from the of
 ``dit/config.json`` values in bf16, sharded safetensors + index written by ``save_pretrained``;
 ``text_encoder/`` = ``UMT5EncoderModel`` with umT5-XXL's config; a tokenizer built locally;
 ``vae/`` = ``AutoencoderKLWan`` with Wan 2.1's config; ``scheduler/``) and a small paired dataset
-at real size (4 clips 832x480x93 with captions, their start frames as separate PNG files, a
-one-clip eval split), then runs the unmodified host CLI on the quickstart's files
+at real size (4 clips 832x480x93 with captions, their start frames as separate PNG and JPEG
+files, a one-clip eval split), then runs the unmodified host CLI on the quickstart's files
 (``examples/config.json`` + ``examples/multidatabackend.json``) with only paths and step counts
 changed:
 
@@ -200,7 +200,7 @@ def write_clip(path: Path, frames, fps: int) -> None:
 
 
 def build_dataset(root: Path, geometry: dict) -> dict[str, Path]:
-    """Clips + captions, start frames as separate PNG files under the clips' names, one eval clip."""
+    """Clips + captions, start frames as separate image files under the clips' names, one eval clip."""
     from PIL import Image
 
     from simpletuner_longcat_video.tiny import synthetic_clip
@@ -216,7 +216,8 @@ def build_dataset(root: Path, geometry: dict) -> dict[str, Path]:
             video = synthetic_clip(index, frames=geometry["frames"], height=geometry["height"], width=geometry["width"])
             write_clip(clips / f"{name}.mp4", video, fps=16)
             (clips / f"{name}.txt").write_text(f"a red square moves {'left' if index % 2 else 'right'} slowly")
-            Image.fromarray(video[0]).save(frames / f"{name}.png")
+            # Start frames as users have them: separate files, PNG and JPEG mixed.
+            Image.fromarray(video[0]).save(frames / f"{name}.{'jpg' if index % 2 else 'png'}", quality=95)
         folders[f"{split}_clips"], folders[f"{split}_start_frames"] = clips, frames
     return folders
 

@@ -140,6 +140,9 @@ def test_block_swap_device_must_differ_from_the_training_device(tiny_checkpoint)
     with pytest.raises(LongCatVideoError, match=r"musubi_block_swap_device = 'gpu please'.*must name a torch device"):
         check_block_swap_config(SimpleNamespace(**base, musubi_block_swap_device="gpu please"), "cuda:0")
     check_block_swap_config(SimpleNamespace(**base, musubi_block_swap_device="cuda:1"), "cuda:0")
+    # Training on a CPU: "use cpu" would be no fix; the message says to turn block swap off.
+    with pytest.raises(LongCatVideoError, match=r"training device \(cpu\).*Fix: set musubi_blocks_to_swap to 0: block"):
+        check_block_swap_config(SimpleNamespace(**base, musubi_block_swap_device="cpu"), "cpu")
 
 
 def _host_quantise(model: torch.nn.Module, precision: str) -> torch.nn.Module:
