@@ -118,8 +118,11 @@ def test_training_config_rules():
     check_training_config(
         SimpleNamespace(aspect_bucket_alignment=64, validation_resolution="832x480", validation_num_video_frames=93)
     )
-    with pytest.raises(LongCatVideoError, match=r"aspect_bucket_alignment = 32.*64 px grid"):
-        check_training_config(SimpleNamespace(aspect_bucket_alignment=32))
+    for grid in (16, 32, 64):
+        check_training_config(SimpleNamespace(aspect_bucket_alignment=grid))
+    for grid in (8, 24, 48):
+        with pytest.raises(LongCatVideoError, match=rf"aspect_bucket_alignment = {grid}.*one of \[16, 32, 64\]"):
+            check_training_config(SimpleNamespace(aspect_bucket_alignment=grid))
     with pytest.raises(LongCatVideoError, match=r"830x480: width and height must be divisible by 16"):
         check_training_config(SimpleNamespace(validation_resolution="830x480"))
     with pytest.raises(LongCatVideoError, match="validation_num_video_frames = 82"):
@@ -128,6 +131,20 @@ def test_training_config_rules():
 
 
 START = [{"path": "/data/start.png", "prompt": "a red square slides"}]
+
+
+def test_a_validation_size_off_the_bucket_grid_is_said(caplog):
+    """832x480 (LongCat-Video's 480p) is not on the 64 px grid: training would use 832x512."""
+    with caplog.at_level("WARNING", logger="simpletuner_longcat_video.data"):
+        check_training_config(SimpleNamespace(aspect_bucket_alignment=64, validation_resolution="832x480"))
+    (record,) = caplog.records
+    assert "832x480 is not on the 64 px bucket grid" in record.getMessage()
+    assert "832x512" in record.getMessage() and "aspect_bucket_alignment to 16" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simpletuner_longcat_video.data"):
+        check_training_config(SimpleNamespace(aspect_bucket_alignment=16, validation_resolution="832x480"))
+        check_training_config(SimpleNamespace(aspect_bucket_alignment=64, validation_resolution="1280x704"))
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def test_quickstart_values():
         "validation_guidance": 4.0,
         "validation_using_datasets": True,
         "eval_dataset_id": "longcat-video-val",
-        "aspect_bucket_alignment": 64,
+        "aspect_bucket_alignment": 16,
     }
     assert {key: CONFIG[key] for key in expected} == expected
     check_training_config(SimpleNamespace(**CONFIG))

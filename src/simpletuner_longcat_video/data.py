@@ -8,8 +8,10 @@ Rules (from the quickstart, decided here once):
   see. Clips in the data that are longer than ``num_frames`` are cut to it by the host, which never
   invents frames.
 * Heights and widths must be divisible by 16 (VAE 8x times patch 2). Training buckets sit on the
-  64 px grid through ``aspect_bucket_alignment``, which must be 64 (the host's default; its parser
-  offers nothing coarser).
+  grid of ``aspect_bucket_alignment``, which must be 16, 32 or 64 (the host also offers 8 and 24,
+  whose buckets the latents cannot take). The quickstart uses 16: on the seed's 64 px grid the
+  480p size 832x480 does not exist (480 / 64 = 7.5), so 480p clips would train at 832x512 while
+  validation renders 832x480; that case is said once in the log.
 * An ``is_i2v`` video dataset with ``conditioning_data`` is paired with its start frames by file
   name (the same relative path and stem, any image format: ``clip.mp4`` and ``clip.jpg``; letter
   case counts). Any clip without a start frame, with several, or with one of another aspect ratio,
@@ -115,21 +117,42 @@ def parse_resolutions(value: object) -> list[tuple[int, int]]:
 def check_training_config(config: object) -> None:
     """Config-time rules; raised from the family's ``check_user_config`` before data is read."""
     alignment = getattr(config, "aspect_bucket_alignment", None)
-    if alignment is not None and _whole_number(alignment) != spec.BUCKET_ALIGNMENT:
+    grid = _whole_number(alignment) if alignment is not None else None
+    if alignment is not None and grid not in spec.BUCKET_ALIGNMENTS:
         raise LongCatVideoError(
             where="aspect_bucket_alignment",
             value=alignment,
-            rule=f"LongCat-Video buckets must sit on the {spec.BUCKET_ALIGNMENT} px grid (the quickstart's rule: "
-            "every bucket edge then divides by the 16 px the latents need)",
-            fix=f'set "aspect_bucket_alignment": {spec.BUCKET_ALIGNMENT} (or leave it out: the host\'s default is 64)',
+            rule=f"LongCat-Video bucket edges must divide by {spec.SIZE_MULTIPLE} (VAE 8x, patch 2): the grid must be "
+            f"one of {list(spec.BUCKET_ALIGNMENTS)}",
+            fix=f'set "aspect_bucket_alignment": {spec.BUCKET_ALIGNMENT} (480p clips then train at 832x480)',
         )
     resolution = getattr(config, "validation_resolution", None)
     if resolution:
         for width, height in parse_resolutions(resolution):
             check_size(width, height, "validation_resolution", resolution)
+            _say_off_grid(width, height, grid or 64)
     frames = getattr(config, "validation_num_video_frames", None)
     if frames is not None:
         check_frames(frames, "validation_num_video_frames")
+
+
+def _say_off_grid(width: int, height: int, grid: int) -> None:
+    """A warning when the training buckets cannot have the validation size (e.g. 832x480 on 64 px)."""
+    if width % grid == 0 and height % grid == 0:
+        return
+    nearest = f"{round(width / grid) * grid or grid}x{round(height / grid) * grid or grid}"
+    logger.warning(
+        "validation_resolution %dx%d is not on the %d px bucket grid (aspect_bucket_alignment %d): clips of that "
+        "size train at about %s, not %dx%d; set aspect_bucket_alignment to %d to train at the size you validate",
+        width,
+        height,
+        grid,
+        grid,
+        nearest,
+        width,
+        height,
+        spec.BUCKET_ALIGNMENT,
+    )
 
 
 def validation_num_frames(config: object) -> int:

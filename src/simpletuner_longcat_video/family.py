@@ -575,7 +575,7 @@ def check_block_swap_config(config: object, compute_device: torch.device | str) 
             where="musubi_block_swap_device",
             value=raw_device,
             rule=f"is the training device ({compute}), so block swap would move nothing",
-            fix='set musubi_blocks_to_swap to 0: block swap streams blocks onto a GPU, and this run trains on the CPU'
+            fix="set musubi_blocks_to_swap to 0: block swap streams blocks onto a GPU, and this run trains on the CPU"
             if compute.type == "cpu"
             else 'use "cpu", or set musubi_blocks_to_swap to 0',
         )

@@ -37,9 +37,12 @@ PATCH_SIZE = (1, 2, 2)
 NUM_BLOCKS = 48
 NUM_HEADS = 32
 
-# Data rules from the quickstart.
-BUCKET_ALIGNMENT = 64
+# Data rules. Every edge must divide by 16 (VAE 8x, patch 2). Bucket grids the host offers that
+# keep that: 16, 32, 64. The default is 16: LongCat-Video's 480p is 832x480 and 480 is not a
+# multiple of 64 (on the 64 px grid a 832x480 clip becomes 832x512).
 SIZE_MULTIPLE = 16
+BUCKET_ALIGNMENTS = (16, 32, 64)
+BUCKET_ALIGNMENT = 16
 DEFAULT_NUM_FRAMES = 93
 DEFAULT_RESOLUTION = (480, 832)  # height, width
 
