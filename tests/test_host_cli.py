@@ -125,3 +125,41 @@ def test_train_unknown_flavour_names_the_valid_ones(tmp_path):
     assert "model_flavour = 'turbo'" in output
     assert "has the flavours ['final']" in output
     assert os.path.exists(tmp_path / "config" / "config.json")
+
+
+def test_train_config_option_refuses_a_missing_or_wrong_file_by_name(tmp_path):
+    # Stopped in the CLI itself, before any training process starts.
+    missing = _simpletuner("train", "--config", "config/config.json", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "simpletuner train --config = 'config/config.json': there is no file " in missing.stderr
+    assert f"{tmp_path / 'config' / 'config.json'}. Fix: create it" in missing.stderr
+    _write_config(tmp_path)
+    (tmp_path / "config" / "config.toml").write_text("")
+    wrong = _simpletuner("train", "--config", str(tmp_path / "config" / "config.toml"), cwd=tmp_path)
+    assert wrong.returncode == 2 and "--config takes a SimpleTuner JSON config file" in wrong.stderr
+    both = _simpletuner("train", "--config", "config/config.json", "--env", "other", cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    for result in (missing, wrong, both):
+        assert "Running: accelerate launch" not in result.stdout
+
+
+def test_train_config_option_trains_from_that_file(tmp_path):
+    # An absolute path, run from a folder with no config/ of its own, and a CONFIG_PATH left in the
+    # shell that points elsewhere: the file named on the command line is the one the worker reads.
+    elsewhere, decoy = tmp_path / "configs", tmp_path / "decoy"
+    elsewhere.mkdir()
+    decoy.mkdir()
+    _write_config(elsewhere, pretrained_model_name_or_path=str(tmp_path / "chosen-checkpoint"))
+    chosen = elsewhere / "config" / "config.json"
+    _write_config(decoy, pretrained_model_name_or_path=str(tmp_path / "decoy-checkpoint"))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    exe = str(Path(sys.executable).parent / "simpletuner")
+    env = host_environ(HOME=str(workdir), CONFIG_PATH=str(decoy / "config" / "config.json"))
+    result = subprocess.run(
+        [exe, "train", "--config", str(chosen)], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+    )
+    output = result.stdout + result.stderr
+    assert f"pretrained_model_name_or_path = '{tmp_path / 'chosen-checkpoint'}'" in output, output[-3000:]
+    assert "decoy-checkpoint" not in output and "unrecognized arguments" not in output
+    assert result.returncode != 0  # stopped by the family's checkpoint check, as intended here

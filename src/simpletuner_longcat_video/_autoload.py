@@ -1,15 +1,16 @@
 """Interpreter-start hook, executed by ``simpletuner_longcat_video.pth`` in every process.
 
-It installs one meta-path finder that waits for three host modules: right after the model
+It installs one meta-path finder that waits for four host modules: right after the model
 registry (``simpletuner.helpers.models.registry``) has executed, the plugin's entry points are
 registered into it; right after the argument module (``simpletuner.helpers.configuration.cmd_args``)
 has executed, the plugin's config options are added to the host's parser; right after the batch
 collation module (``simpletuner.helpers.training.collate``) has executed, the LongCat-Video
 family's cached latents are checked on their way into a batch and, on a machine without an
 accelerator, collation stops pinning memory (SimpleTuner 4.10.1 pins cached latents
-unconditionally, which raises without a GPU). Until then nothing but ``sys`` is touched, so
-a Python process that never imports SimpleTuner pays only for reading this file (the startup
-benchmark in ``benchmarks/startup.py`` measures it). Set ``SIMPLETUNER_PLUGINS_DISABLE=1`` to
+unconditionally, which raises without a GPU); right after the CLI package (``simpletuner.cli``) has
+executed, ``simpletuner train`` gains the ``--config PATH.json`` option. Until then nothing but
+``sys`` is touched, so a Python process that never imports SimpleTuner pays only for reading this
+file (the startup benchmark in ``benchmarks/startup.py`` measures it). Set ``SIMPLETUNER_PLUGINS_DISABLE=1`` to
 skip the hook entirely.
 """
 
@@ -22,6 +23,7 @@ HOOKS = {
     REGISTRY_MODULE: "register_entry_points",
     "simpletuner.helpers.configuration.cmd_args": "extend_host_arguments",
     "simpletuner.helpers.training.collate": "extend_host_collate",
+    "simpletuner.cli": "add_train_config_option",
 }
 _fired: set = set()
 
