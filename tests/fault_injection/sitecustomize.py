@@ -1,20 +1,22 @@
 """Test-only fault injection for host training runs; never on a user's path.
 
-tests/test_faults.py puts this folder on PYTHONPATH, so Python imports this file at start-up in
-every process of the run (the ``simpletuner`` CLI, ``accelerate launch``, the training worker).
-Everything around the injected call is the real code: host loop, family, attention seam, saves.
+Tests put this folder on PYTHONPATH, so Python imports this file at start-up in every process of
+the run (the ``simpletuner`` CLI, ``accelerate launch``, the training worker). Each part is off
+unless its environment variable is set:
 
-``LONGCAT_FAULT_BSA_FAIL_AT=N``: once ``simpletuner_longcat_video.attention_bsa`` has been imported
-its availability probe says yes (this machine has no CUDA for the Triton kernel) and the kernel
-call it makes is replaced: launches 1..N-1 return dense attention, as a working kernel at
-sparsity 0 would, and launch N raises the error a GPU driver gives for a bad launch.
+* ``LONGCAT_FAULT_BSA_FAIL_AT=N`` (tests/test_faults.py): once
+  ``simpletuner_longcat_video.attention_bsa`` has been imported its availability probe says yes
+  (this machine has no CUDA for the Triton kernel) and the kernel call it makes is replaced:
+  launches 1..N-1 return dense attention, as a working kernel at sparsity 0 would, and launch N
+  raises the error a GPU driver gives for a bad launch.
+* ``LONGCAT_FAULT_PAUSE=<folder>:<when>,...`` with ``LONGCAT_FAULT_PAUSE_DIR`` (tests/test_faults.py):
+  the family's LoRA save into ``<folder>`` (a ``checkpoint-N`` folder, or ``output`` for the
+  final LoRA) stops and waits there, so that the test can interrupt the run at exactly that
+  moment. ``<when>`` is ``before`` (nothing of the LoRA written yet) or ``half`` (the first half
+  of the file's bytes written, as a save cut off mid-write leaves it). The worker first writes
+  its pid into ``$LONGCAT_FAULT_PAUSE_DIR/<folder>``, so the test knows it is there.
 
-``LONGCAT_FAULT_PAUSE=<folder>:<when>,...`` with ``LONGCAT_FAULT_PAUSE_DIR``: the family's LoRA
-save into ``<folder>`` (a ``checkpoint-N`` folder, or ``output`` for the final LoRA) stops and
-waits there, so that a test can interrupt the run at exactly that moment. ``<when>`` is
-``before`` (nothing of the LoRA written yet), or ``half`` (the first half of the file's bytes
-written, as a save cut off mid-write leaves it). The worker first writes its pid into
-``$LONGCAT_FAULT_PAUSE_DIR/<folder>`` so the test knows it is there.
+Everything around these points is the real code: host loop, family, attention seam, saves.
 """
 
 import os
@@ -22,14 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-BSA_TARGET = "simpletuner_longcat_video.attention_bsa"
-FAMILY_TARGET = "simpletuner_longcat_video.family"
 FAIL_AT = int(os.environ.get("LONGCAT_FAULT_BSA_FAIL_AT", "0") or 0)
 PAUSES = dict(item.split(":", 1) for item in os.environ.get("LONGCAT_FAULT_PAUSE", "").split(",") if ":" in item)
 PAUSE_DIR = os.environ.get("LONGCAT_FAULT_PAUSE_DIR", "")
 
 
-def _inject_bsa(module) -> None:
+def _inject_bsa_failure(module) -> None:
     import torch.nn.functional as F
 
     launches = [0]
@@ -54,35 +54,44 @@ def _pause(folder: str) -> None:
     time.sleep(600)  # the test interrupts the run long before this ends
 
 
-def _inject_pauses(module) -> None:
-    family = module.LongCatVideo
-    save = family.save_lora_weights
+def _pause_saves(module) -> None:
+    save = module.LongCatVideo.save_lora_weights
 
-    def paused_save(self, *args, **kwargs):
+    def save_lora_weights(self, *args, **kwargs):
         directory = Path(args[0] if args else kwargs["save_directory"])
-        folder = "output" if directory.name == "output" else directory.name
-        when = PAUSES.get(folder)
+        when = PAUSES.get(directory.name)
         if when == "before":
-            _pause(folder)
+            _pause(directory.name)
         result = save(self, *args, **kwargs)
         if when == "half":
             written = directory / "pytorch_lora_weights.safetensors"
             data = written.read_bytes()
             written.write_bytes(data[: len(data) // 2])
-            _pause(folder)
+            _pause(directory.name)
         return result
 
-    family.save_lora_weights = paused_save
+    module.LongCatVideo.save_lora_weights = save_lora_weights
+
+
+def _both(first, second):
+    def inject(module) -> None:
+        first(module)
+        second(module)
+
+    return inject
+
+
+TARGETS = {}
+if FAIL_AT > 0:
+    TARGETS["simpletuner_longcat_video.attention_bsa"] = _inject_bsa_failure
+if PAUSES and PAUSE_DIR:
+    family = "simpletuner_longcat_video.family"  # other parts may hook the family module as well
+    TARGETS[family] = _both(TARGETS[family], _pause_saves) if family in TARGETS else _pause_saves
 
 
 class _Watcher:
-    """Runs ``targets[name](module)`` right after the module ``name`` has executed."""
-
-    def __init__(self, targets) -> None:
-        self.targets = dict(targets)
-
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.targets:
+        if fullname not in TARGETS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -94,21 +103,17 @@ class _Watcher:
             return None
         exec_module = spec.loader.exec_module
 
+        # A spec can be asked for and never used (the plugin resolves entry-point modules with
+        # importlib.util.find_spec), so the target is done only once its module has executed.
         def exec_and_inject(module):
             exec_module(module)
-            # Only now: the plugin's importlib.util.find_spec probe asks for a spec it never executes.
-            self.targets.pop(fullname)(module)
-            if not self.targets and self in sys.meta_path:
+            TARGETS.pop(fullname)(module)
+            if not TARGETS and self in sys.meta_path:
                 sys.meta_path.remove(self)
 
         spec.loader.exec_module = exec_and_inject
         return spec
 
 
-_TARGETS = {}
-if FAIL_AT > 0:
-    _TARGETS[BSA_TARGET] = _inject_bsa
-if PAUSES and PAUSE_DIR:
-    _TARGETS[FAMILY_TARGET] = _inject_pauses
-if _TARGETS:
-    sys.meta_path.insert(0, _Watcher(_TARGETS))
+if TARGETS:
+    sys.meta_path.insert(0, _Watcher())
