@@ -314,7 +314,7 @@ def test_a_finished_run_is_not_trained_again(tmp_path, fault_lines):
     # The final save never happened (stopped after the last checkpoint): written from it, on rank 0 only.
     with pytest.raises(SystemExit) as stopped:
         faults.prepare_resume(_resume(output, "latest"), is_main_process=False)
-    assert stopped.value.code == 0 and not final.exists()
+    assert stopped.value.code == 0 and not final.exists() and fault_lines == []
     with pytest.raises(SystemExit) as stopped:
         faults.prepare_resume(_resume(output, "latest"))
     assert stopped.value.code == 0
@@ -339,6 +339,13 @@ def test_a_finished_run_is_not_trained_again(tmp_path, fault_lines):
         faults.prepare_resume(_resume(output, "latest"))
     assert final.read_bytes() == (output / "checkpoint-12" / faults.LORA_WEIGHTS).read_bytes()
     assert f"the final LoRA {final} was damaged" in fault_lines[-1]
+
+    # Another run's LoRA in output_dir (e.g. resumed from an older checkpoint since): replaced too.
+    save_file({"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(8, 16)}, str(final))
+    with pytest.raises(SystemExit):
+        faults.prepare_resume(_resume(output, "latest"))
+    assert final.read_bytes() == (output / "checkpoint-12" / faults.LORA_WEIGHTS).read_bytes()
+    assert f"the final LoRA {final} held other weights than checkpoint-12, so it was written from " in fault_lines[-1]
 
     # More steps asked for: an ordinary resume.
     config = _resume(output, "latest", max_train_steps=20)

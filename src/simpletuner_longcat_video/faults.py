@@ -260,16 +260,20 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Checkpoint]:
     return sorted(found, key=lambda checkpoint: (checkpoint.step, checkpoint.path.name))
 
 
-def _same_lora(first: Path, second: Path) -> bool:
-    """Whether two LoRA files hold the same tensors under the same names (False if one is unreadable)."""
+def _final_lora_state(final: Path, saved: Path) -> str:
+    """How the final LoRA compares with the checkpoint's: "same", "missing", "damaged" or "different"."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not final.is_file():
+        return "missing"
     try:
-        ours, theirs = load_file(str(first)), load_file(str(second))
+        ours = load_file(str(final))
     except (OSError, SafetensorError, ValueError):
-        return False
-    return ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+        return "damaged"
+    theirs = load_file(str(saved))
+    same = ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    return "same" if same else "different"
 
 
 def _finish_run(config: Any, checkpoint: Checkpoint, step: int, is_main_process: bool) -> None:
@@ -278,21 +282,25 @@ def _finish_run(config: Any, checkpoint: Checkpoint, step: int, is_main_process:
     final, saved = output_dir / LORA_WEIGHTS, checkpoint.path / LORA_WEIGHTS
     finished = f"the run in {output_dir} is finished: {checkpoint.path.name} is at step {step}, max_train_steps is "
     finished += f"{config.max_train_steps}; nothing is trained (raise max_train_steps to train further)"
-    if not saved.is_file() or _same_lora(final, saved):
+    state = _final_lora_state(final, saved) if saved.is_file() else "same"
+    if state == "same":
         kept = f"{final} is left unchanged" if final.is_file() else "output_dir is left unchanged"
-        logger.info("LongCat-Video: %s; %s", finished, kept)
-    else:
-        state = "damaged" if final.is_file() else "missing"
         if is_main_process:
-            partial = final.with_name(final.name + ".tmp")
-            shutil.copyfile(saved, partial)
-            os.replace(partial, final)  # atomic: a second interruption leaves the old file or the new one
+            logger.info("LongCat-Video: %s; %s", finished, kept)
+    elif is_main_process:
+        partial = final.with_name(final.name + ".tmp")
+        shutil.copyfile(saved, partial)
+        os.replace(partial, final)  # atomic: a second interruption leaves the old file or the new one
+        why = {
+            "missing": "was missing (the run was stopped after its last checkpoint)",
+            "damaged": "was damaged (the run was stopped while it was written)",
+            "different": f"held other weights than {checkpoint.path.name}",
+        }[state]
         logger.warning(
-            "LongCat-Video: %s; the final LoRA %s was %s (the run was stopped after its last checkpoint), so it "
-            "was written from %s (the run's final validation was not repeated)",
+            "LongCat-Video: %s; the final LoRA %s %s, so it was written from %s (the final validation was not repeated)",
             finished,
             final,
-            state,
+            why,
             saved,
         )
     raise SystemExit(0)
