@@ -12,9 +12,9 @@ unless its environment variable is set:
 * ``LONGCAT_FAULT_PAUSE=<folder>:<when>,...`` with ``LONGCAT_FAULT_PAUSE_DIR`` (tests/test_faults.py):
   the family's LoRA save into ``<folder>`` (a ``checkpoint-N`` folder, or ``output`` for the
   final LoRA) stops and waits there, so that the test can interrupt the run at exactly that
-  moment. ``<when>`` is ``before`` (nothing of the LoRA written yet) or ``half`` (the first half
-  of the file's bytes written, as a save cut off mid-write leaves it). The worker first writes
-  its pid into ``$LONGCAT_FAULT_PAUSE_DIR/<folder>``, so the test knows it is there.
+  moment. ``<when>`` is ``before`` (nothing of the LoRA written yet) or ``after`` (the LoRA
+  written, the rest of the run still to come). The worker first writes its pid into
+  ``$LONGCAT_FAULT_PAUSE_DIR/<folder>``, so the test knows it is there.
 
 Everything around these points is the real code: host loop, family, attention seam, saves.
 """
@@ -63,10 +63,7 @@ def _pause_saves(module) -> None:
         if when == "before":
             _pause(directory.name)
         result = save(self, *args, **kwargs)
-        if when == "half":
-            written = directory / "pytorch_lora_weights.safetensors"
-            data = written.read_bytes()
-            written.write_bytes(data[: len(data) // 2])
+        if when == "after":
             _pause(directory.name)
         return result
 
