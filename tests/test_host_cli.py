@@ -70,14 +70,34 @@ def _write_config(root: Path, **overrides: object) -> None:
 
 
 def test_train_config_reaches_our_family(tmp_path):
-    _write_config(tmp_path)
-    result = _simpletuner("train", cwd=tmp_path)
+    # Through the seed's `--config` with an absolute path, run from a folder with no config/ of its
+    # own and with a CONFIG_PATH left in the shell that points elsewhere: the file named on the
+    # command line is the one the training worker reads (the other tests here use plain
+    # `simpletuner train`, which reads config/config.json).
+    chosen_root, decoy = tmp_path / "configs", tmp_path / "decoy"
+    chosen_root.mkdir()
+    decoy.mkdir()
+    _write_config(chosen_root, pretrained_model_name_or_path=str(tmp_path / "no-such-checkpoint"))
+    _write_config(decoy, pretrained_model_name_or_path=str(tmp_path / "decoy-checkpoint"))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    exe = str(Path(sys.executable).parent / "simpletuner")
+    env = host_environ(HOME=str(workdir), CONFIG_PATH=str(decoy / "config" / "config.json"))
+    result = subprocess.run(
+        [exe, "train", "--config", str(chosen_root / "config" / "config.json")],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = result.stdout + result.stderr
     assert "is provided by plugin simpletuner-longcat-video" in output
     # Past the host's argument parsing and into our family: it is our checkpoint check that stops it.
     assert "error: argument" not in output and "unrecognized arguments" not in output
-    assert f"pretrained_model_name_or_path = '{tmp_path / 'no-such-checkpoint'}'" in output
+    assert f"pretrained_model_name_or_path = '{tmp_path / 'no-such-checkpoint'}'" in output, output[-3000:]
     assert "a local LongCat-Video checkpoint folder must exist" in output
+    assert "decoy-checkpoint" not in output
     assert result.returncode != 0
 
 
@@ -141,25 +161,3 @@ def test_train_config_option_refuses_a_missing_or_wrong_file_by_name(tmp_path):
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     for result in (missing, wrong, both):
         assert "Running: accelerate launch" not in result.stdout
-
-
-def test_train_config_option_trains_from_that_file(tmp_path):
-    # An absolute path, run from a folder with no config/ of its own, and a CONFIG_PATH left in the
-    # shell that points elsewhere: the file named on the command line is the one the worker reads.
-    elsewhere, decoy = tmp_path / "configs", tmp_path / "decoy"
-    elsewhere.mkdir()
-    decoy.mkdir()
-    _write_config(elsewhere, pretrained_model_name_or_path=str(tmp_path / "chosen-checkpoint"))
-    chosen = elsewhere / "config" / "config.json"
-    _write_config(decoy, pretrained_model_name_or_path=str(tmp_path / "decoy-checkpoint"))
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    exe = str(Path(sys.executable).parent / "simpletuner")
-    env = host_environ(HOME=str(workdir), CONFIG_PATH=str(decoy / "config" / "config.json"))
-    result = subprocess.run(
-        [exe, "train", "--config", str(chosen)], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
-    )
-    output = result.stdout + result.stderr
-    assert f"pretrained_model_name_or_path = '{tmp_path / 'chosen-checkpoint'}'" in output, output[-3000:]
-    assert "decoy-checkpoint" not in output and "unrecognized arguments" not in output
-    assert result.returncode != 0  # stopped by the family's checkpoint check, as intended here
