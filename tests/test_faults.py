@@ -1,14 +1,16 @@
 """Faults during real ``simpletuner train`` runs: none of them may end in a silently broken LoRA.
 
 Each test drives the host's CLI on the tiny checkpoint and dataset (examples/demo.py) and breaks
-something the way it breaks for users: the process is SIGKILLed, a cached latent is truncated,
-the learning rate makes the training diverge, the block-sparse kernel fails to launch.
+something the way it breaks for users: the run is interrupted (Ctrl-C, SIGKILL) in the middle of
+a save, a cached latent is truncated, the learning rate makes the training diverge, the
+block-sparse kernel fails to launch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -22,7 +24,7 @@ import psutil
 import pytest
 import torch
 from conftest import REPO, load_demo
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from simpletuner_longcat_video import faults
 from simpletuner_longcat_video.errors import LongCatVideoError
@@ -47,8 +49,9 @@ def _configure(workdir: Path, **changes: object) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def _train(workdir: Path, log_name: str, **env: str) -> tuple[int, str]:
+def _train(workdir: Path, log_name: str, *args: str, **env: str) -> tuple[int, str]:
     command, environ = demo.host_command(workdir)
+    command += list(args)
     environ.update(env)
     log_path = workdir / log_name
     with log_path.open("w") as log:
@@ -56,35 +59,68 @@ def _train(workdir: Path, log_name: str, **env: str) -> tuple[int, str]:
     return code, log_path.read_text(errors="replace")
 
 
-def _is_training_worker(process: psutil.Process) -> bool:
-    try:
-        return any(arg.endswith("train.py") for arg in process.cmdline())
-    except psutil.Error:  # gone, or a zombie already
-        return False
+def _injecting(environ: dict[str, str], **faults_env: str) -> dict[str, str]:
+    """``environ`` with tests/fault_injection on PYTHONPATH and its ``LONGCAT_FAULT_*`` settings."""
+    path = os.pathsep.join(filter(None, [str(INJECTION), environ.get("PYTHONPATH")]))
+    return dict(environ, PYTHONPATH=path, **faults_env)
 
 
-def _train_and_kill(workdir: Path, log_name: str, after_checkpoint: int) -> None:
-    """Start a run and SIGKILL its training worker once ``checkpoint-N`` is complete on disk."""
+def _interrupt_save(workdir: Path, log_name: str, folder: str, when: str, how: str, *args: str) -> tuple[int, str]:
+    """Start a run, wait until its LoRA save into ``folder`` pauses, then interrupt it.
+
+    ``how`` is "ctrl-c" (SIGINT to the CLI's process group: what a terminal sends to its
+    foreground job; the CLI then stops the training processes it started in a session of their
+    own) or "sigkill" (the training worker alone, as the OOM killer does).
+    """
     command, environ = demo.host_command(workdir)
-    # A checkpoint is written as checkpoint-N-tmp and renamed after its completion guard.
-    done = workdir / "output" / f"checkpoint-{after_checkpoint}" / ".guard"
-    with (workdir / log_name).open("w") as log:
-        cli = subprocess.Popen(command, cwd=workdir, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    command += list(args)
+    pauses = workdir / "pauses"
+    pauses.mkdir(exist_ok=True)
+    marker = pauses / folder
+    marker.unlink(missing_ok=True)
+    environ = _injecting(environ, LONGCAT_FAULT_PAUSE=f"{folder}:{when}", LONGCAT_FAULT_PAUSE_DIR=str(pauses))
+    log_path = workdir / log_name
+    with log_path.open("w") as log:
+        cli = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # A terminal's foreground job takes SIGINT; a test started in the background inherits
+            # it ignored, and Python then never raises KeyboardInterrupt.
+            preexec_fn=_default_sigint,
+        )
+        started: list[psutil.Process] = []
         try:
-            while cli.poll() is None and not done.exists():
-                time.sleep(0.02)
+            while cli.poll() is None and not (marker.exists() and marker.read_text()):
+                time.sleep(0.05)
+            assert marker.exists(), (
+                f"the run ended before its save into {folder} paused:\n{log_path.read_text()[-3000:]}"
+            )
+            started = psutil.Process(cli.pid).children(recursive=True)
+            if how == "ctrl-c":
+                os.killpg(cli.pid, signal.SIGINT)
+            else:
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+            code = cli.wait(timeout=120)
         finally:
-            # The CLI starts `accelerate launch` in a session of its own: kill the worker by pid
-            # (as the OOM killer would), then whatever is left of the processes this test started.
-            started = psutil.Process(cli.pid).children(recursive=True) if cli.poll() is None else []
-            workers = [p for p in started if _is_training_worker(p)]
-            for process in workers + started:
-                try:
+            for process in [*started, psutil.Process(cli.pid)] if cli.poll() is None else started:
+                try:  # only what this test started, and only if the host left it running
                     process.send_signal(signal.SIGKILL)
                 except psutil.NoSuchProcess:
                     pass
             cli.wait()
-    assert done.exists(), f"the run ended before checkpoint-{after_checkpoint} was written"
+    return code, _plain(log_path.read_text(errors="replace"))
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _plain(log: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", log)
 
 
 def _lora(path: Path) -> dict[str, torch.Tensor]:
@@ -202,6 +238,136 @@ def test_lora_is_written_only_with_finite_weights(tmp_path):
     assert "blocks.3.attn.qkv.lora_B.weight" in message and "(last batch: /data/clips/clip_001.mp4)" in message
 
 
+def _checkpoint(output: Path, name: str, step: int, complete: bool = True, lora: dict | None = None) -> Path:
+    """A checkpoint folder as SimpleTuner 4.10.1 leaves it: complete (with .guard) or cut off."""
+    folder = output / name
+    folder.mkdir(parents=True)
+    (folder / "training_state.json").write_text(json.dumps({"global_step": step, "epoch": 1}))
+    if lora is not None:
+        save_file(lora, str(folder / faults.LORA_WEIGHTS))
+    if complete:
+        (folder / faults.CHECKPOINT_GUARD).write_text("complete\n")
+    return folder
+
+
+@pytest.fixture
+def fault_lines():
+    """The messages faults.py logs during a test (the plugin's logger does not propagate to caplog)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = faults.logger.level
+    faults.logger.addHandler(handler)
+    faults.logger.setLevel(logging.INFO)
+    yield lines
+    faults.logger.removeHandler(handler)
+    faults.logger.setLevel(level)
+
+
+def _resume(output: Path, value: object, max_train_steps: int = 12) -> SimpleNamespace:
+    return SimpleNamespace(resume_from_checkpoint=value, output_dir=str(output), max_train_steps=max_train_steps)
+
+
+def test_latest_is_the_newest_complete_checkpoint(tmp_path, fault_lines):
+    output = tmp_path / "output"
+    _checkpoint(output, "checkpoint-2", 2, complete=False)  # older than the one chosen: not in the way
+    _checkpoint(output, "checkpoint-4", 4)
+    _checkpoint(output, "checkpoint-8", 8, complete=False)
+    _checkpoint(output, "checkpoint-12-tmp", 12, complete=False)  # never a candidate, as in the host
+    config = _resume(output, "latest")
+    faults.prepare_resume(config)
+    assert config.resume_from_checkpoint == "checkpoint-4"
+    assert fault_lines == [
+        f"LongCat-Video: checkpoint-8 in {output} is incomplete (no .guard: the save was interrupted) and is "
+        "skipped; resuming from checkpoint-4"
+    ]
+    assert sorted(p.name for p in output.iterdir()) == [
+        "checkpoint-12-tmp",
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-8",
+    ]
+
+    (output / "checkpoint-4" / faults.CHECKPOINT_GUARD).unlink()
+    fault_lines.clear()
+    config = _resume(output, "latest")
+    faults.prepare_resume(config)
+    assert config.resume_from_checkpoint is None  # the host's "not resuming": a fresh run
+    assert len(fault_lines) == 1 and fault_lines[0].endswith(
+        "no complete checkpoint is left: training starts at step 0"
+    )
+    assert "checkpoint-2, checkpoint-4, checkpoint-8 in " in fault_lines[0] and " are incomplete " in fault_lines[0]
+
+    fault_lines.clear()
+    for value in ("latest", "s3://bucket/run/checkpoint-8", None):
+        config = _resume(tmp_path / "empty", value)
+        faults.prepare_resume(config)
+        assert config.resume_from_checkpoint == value  # left to the host
+    assert fault_lines == []
+
+
+def test_an_incomplete_checkpoint_named_explicitly_is_refused(tmp_path):
+    output = tmp_path / "output"
+    _checkpoint(output, "checkpoint-4", 4)
+    _checkpoint(output, "checkpoint-8", 8, complete=False)
+    with pytest.raises(LongCatVideoError) as refused:
+        faults.prepare_resume(_resume(output, str(output / "checkpoint-8")))
+    message = str(refused.value)
+    assert f"resume_from_checkpoint = '{output / 'checkpoint-8'}': {output / 'checkpoint-8'} is incomplete" in message
+    assert "Fix: use \"latest\" (the newest complete checkpoint) or one of ['checkpoint-4']" in message
+    config = _resume(output, "checkpoint-4")
+    faults.prepare_resume(config)
+    assert config.resume_from_checkpoint == "checkpoint-4"
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path, fault_lines):
+    output = tmp_path / "output"
+    weights = {"transformer.blocks.0.attn.qkv.lora_A.weight": torch.randn(8, 16)}
+    _checkpoint(output, "checkpoint-12", 12, lora=weights)
+    final = output / faults.LORA_WEIGHTS
+
+    # The final save never happened (stopped after the last checkpoint): written from it, on rank 0 only.
+    with pytest.raises(SystemExit) as stopped:
+        faults.prepare_resume(_resume(output, "latest"), is_main_process=False)
+    assert stopped.value.code == 0 and not final.exists() and fault_lines == []
+    with pytest.raises(SystemExit) as stopped:
+        faults.prepare_resume(_resume(output, "latest"))
+    assert stopped.value.code == 0
+    assert torch.equal(
+        load_file(str(final))["transformer.blocks.0.attn.qkv.lora_A.weight"], next(iter(weights.values()))
+    )
+    assert f"the final LoRA {final} was missing" in fault_lines[-1]
+
+    # Finished and intact: not touched.
+    before = (final.read_bytes(), final.stat().st_mtime_ns)
+    with pytest.raises(SystemExit) as stopped:
+        faults.prepare_resume(_resume(output, "checkpoint-12"))
+    assert stopped.value.code == 0 and (final.read_bytes(), final.stat().st_mtime_ns) == before
+    assert fault_lines[-1] == (
+        f"LongCat-Video: the run in {output} is finished: checkpoint-12 is at step 12, max_train_steps is 12; "
+        f"nothing is trained (raise max_train_steps to train further); {final} is left unchanged"
+    )
+
+    # Damaged (cut off mid-write): restored.
+    final.write_bytes(before[0][: len(before[0]) // 2])
+    with pytest.raises(SystemExit):
+        faults.prepare_resume(_resume(output, "latest"))
+    assert final.read_bytes() == (output / "checkpoint-12" / faults.LORA_WEIGHTS).read_bytes()
+    assert f"the final LoRA {final} was damaged" in fault_lines[-1]
+
+    # Another run's LoRA in output_dir (e.g. resumed from an older checkpoint since): replaced too.
+    save_file({"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(8, 16)}, str(final))
+    with pytest.raises(SystemExit):
+        faults.prepare_resume(_resume(output, "latest"))
+    assert final.read_bytes() == (output / "checkpoint-12" / faults.LORA_WEIGHTS).read_bytes()
+    assert f"the final LoRA {final} held other weights than checkpoint-12, so it was written from " in fault_lines[-1]
+
+    # More steps asked for: an ordinary resume.
+    config = _resume(output, "latest", max_train_steps=20)
+    faults.prepare_resume(config)
+    assert config.resume_from_checkpoint == "checkpoint-12"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """An uninterrupted run: STEPS steps, a checkpoint every EVERY steps."""
@@ -212,49 +378,78 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return workdir, log
 
 
+def _assert_same_lora(ours: Path, theirs: Path) -> dict[str, torch.Tensor]:
+    # Same seed, data order and RNG: the CPU gives bit-identical weights; 1e-6 leaves room for a
+    # non-deterministic GPU kernel.
+    mine, reference = _lora(ours), _lora(theirs)
+    assert mine.keys() == reference.keys() and mine
+    for key in mine:
+        torch.testing.assert_close(mine[key], reference[key], rtol=0, atol=1e-6, msg=key)
+    return mine
+
+
 @slow
-def test_sigkilled_run_resumes_to_the_uninterrupted_lora(reference, tmp_path):
+def test_interrupted_runs_resume_to_the_uninterrupted_lora(reference, tmp_path):
+    """One run, interrupted twice, resumed to the uninterrupted run's LoRA; then started again.
+
+    1. Ctrl-C while checkpoint-8 is being saved, before its LoRA is written (checkpoint-4 complete);
+    2. ``resume_from_checkpoint: latest`` skips the incomplete checkpoint-8 and resumes from
+       checkpoint-4; the worker is SIGKILLed right after the final LoRA is written;
+    3. the same command again: the run is finished, nothing is trained, the LoRA file is untouched.
+    The resume key is in a second config file, read through ``simpletuner train --config``;
+    config/config.json (without it) stays in the folder, where plain ``simpletuner train`` reads it.
+    """
     ref_dir, ref_log = reference
-    _configure(tmp_path)
-    _train_and_kill(tmp_path, "killed.log", after_checkpoint=EVERY)
     output = tmp_path / "output"
-    assert not (output / "pytorch_lora_weights.safetensors").exists(), "killed too late: the run had finished"
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*") if (p / ".guard").exists())
-    resumed_from = checkpoints[-1]
-    assert EVERY <= resumed_from < STEPS
+    _configure(tmp_path)
+    resume = json.loads((tmp_path / "config" / "config.json").read_text())
+    (tmp_path / "resume.json").write_text(json.dumps(dict(resume, resume_from_checkpoint="latest")))
 
-    _configure(tmp_path, resume_from_checkpoint="latest")
-    code, log = _train(tmp_path, "resumed.log")
-    assert code == 0, log[-3000:]
-    assert f"Loading LoRA weights from Path: {output / f'checkpoint-{resumed_from}'}" in log
-    # The progress bar starts at the checkpoint's step (the host logs the resume step only at DEBUG).
-    assert f"{resumed_from}/{STEPS} [00:00<?, ?it/s]" in log
-    # The step counter continues: only the steps after the checkpoint run again, with A's losses.
+    code, log = _interrupt_save(tmp_path, "1-ctrl-c.log", "checkpoint-8", "before", "ctrl-c")
+    assert code == 130 and "Training interrupted by user." in log, log[-3000:]
+    assert (output / "checkpoint-4" / faults.CHECKPOINT_GUARD).is_file()
+    partial = output / "checkpoint-8"
+    # What SimpleTuner's own `latest` would pick (and fail on: no LoRA weights in it).
+    assert partial.is_dir() and not (partial / faults.CHECKPOINT_GUARD).exists()
+    assert not (partial / faults.LORA_WEIGHTS).exists()
+    assert not (output / faults.LORA_WEIGHTS).exists()
+
+    code, log = _interrupt_save(tmp_path, "2-resumed.log", "output", "after", "sigkill", "--config", "resume.json")
+    assert code != 0
+    skipped = [line for line in log.splitlines() if "incomplete (no .guard" in line]
+    assert len(skipped) == 1, log[-3000:]
+    assert (
+        f"checkpoint-8 in {output} is incomplete (no .guard: the save was interrupted) and is skipped; " in skipped[0]
+    )
+    assert skipped[0].endswith("resuming from checkpoint-4")
+    assert f"Loading LoRA weights from Path: {output / 'checkpoint-4'}" in log
+    assert f"{EVERY}/{STEPS} [00:00<?, ?it/s]" in log  # the progress bar starts at the checkpoint's step
     losses, ref_losses = _step_losses(log), _step_losses(ref_log)
-    assert sorted(losses) == list(range(resumed_from + 1, STEPS + 1))
+    assert sorted(losses) == list(range(EVERY + 1, STEPS + 1))
     assert losses == {step: ref_losses[step] for step in losses}
-    final = json.loads((output / f"checkpoint-{STEPS}" / "training_state.json").read_text())
-    assert final["global_step"] == STEPS
-
-    # The optimizer state continued: the resumed run's later checkpoint holds A's Adam moments.
-    later = next(step for step in range(resumed_from + EVERY, STEPS + 1, EVERY))
-    ours = torch.load(output / f"checkpoint-{later}" / "optimizer.bin", weights_only=False)["state"]
-    theirs = torch.load(ref_dir / "output" / f"checkpoint-{later}" / "optimizer.bin", weights_only=False)["state"]
+    # checkpoint-8 was written again, complete, and holds the uninterrupted run's Adam moments.
+    assert (partial / faults.CHECKPOINT_GUARD).is_file()
+    ours = torch.load(partial / "optimizer.bin", weights_only=False)["state"]
+    theirs = torch.load(ref_dir / "output" / "checkpoint-8" / "optimizer.bin", weights_only=False)["state"]
     assert ours.keys() == theirs.keys() and ours
     for index in ours:
         for name in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ours[index][name], theirs[index][name], rtol=0, atol=1e-6)
-
-    # Same seed, same data order, same RNG: the final LoRA equals the uninterrupted one (the CPU
-    # gives bit-identical weights; 1e-6 leaves room for a non-deterministic GPU kernel).
-    resumed = _lora(output / "pytorch_lora_weights.safetensors")
-    uninterrupted = _lora(ref_dir / "output" / "pytorch_lora_weights.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for key in resumed:
-        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+    resumed = _assert_same_lora(output / faults.LORA_WEIGHTS, ref_dir / "output" / faults.LORA_WEIGHTS)
     # ...and it is not trivially equal: training moved the weights away from the first checkpoint.
-    first = _lora(ref_dir / "output" / f"checkpoint-{EVERY}" / "pytorch_lora_weights.safetensors")
+    first = _lora(ref_dir / "output" / f"checkpoint-{EVERY}" / faults.LORA_WEIGHTS)
     assert max(float((resumed[key] - first[key]).abs().max()) for key in resumed) > 1e-3
+
+    # Started again: SimpleTuner 4.10.1 alone would train a 13th step and overwrite the LoRA.
+    final = output / faults.LORA_WEIGHTS
+    before = (final.read_bytes(), final.stat().st_mtime_ns, sorted(p.name for p in output.iterdir()))
+    code, log = _train(tmp_path, "3-finished.log", "--config", "resume.json")
+    assert code == 0, log[-3000:]
+    log = _plain(log)
+    assert f"the run in {output} is finished: checkpoint-{STEPS} is at step {STEPS}, max_train_steps is {STEPS}" in log
+    assert f"nothing is trained (raise max_train_steps to train further); {final} is left unchanged" in log
+    assert "step_loss" not in log and "Loading LoRA weights" not in log
+    assert (final.read_bytes(), final.stat().st_mtime_ns, sorted(p.name for p in output.iterdir())) == before
 
 
 @slow
@@ -333,8 +528,7 @@ def test_block_sparse_launch_failure_mid_run_falls_back_to_sdpa(tmp_path):
     # The tiny DiT has 2 blocks: 2 block-sparse launches per step (the condition frame is dense),
     # so launch 5 is the first of step 3. See tests/fault_injection/sitecustomize.py.
     _configure(tmp_path, attention_implementation="block_sparse", max_train_steps=6, checkpoint_step_interval=6)
-    path = os.pathsep.join(filter(None, [str(INJECTION), os.environ.get("PYTHONPATH")]))
-    code, log = _train(tmp_path, "train.log", PYTHONPATH=path, LONGCAT_FAULT_BSA_FAIL_AT="5")
+    code, log = _train(tmp_path, "train.log", **_injecting(dict(os.environ), LONGCAT_FAULT_BSA_FAIL_AT="5"))
     assert code == 0, log[-3000:]
     assert "LongCat-Video attention: block_sparse" in log
     assert log.count("[fault-injection] block-sparse launch #") == 1

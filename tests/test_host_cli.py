@@ -70,14 +70,34 @@ def _write_config(root: Path, **overrides: object) -> None:
 
 
 def test_train_config_reaches_our_family(tmp_path):
-    _write_config(tmp_path)
-    result = _simpletuner("train", cwd=tmp_path)
+    # Through the seed's `--config` with an absolute path, run from a folder with no config/ of its
+    # own and with a CONFIG_PATH left in the shell that points elsewhere: the file named on the
+    # command line is the one the training worker reads (the other tests here use plain
+    # `simpletuner train`, which reads config/config.json).
+    chosen_root, decoy = tmp_path / "configs", tmp_path / "decoy"
+    chosen_root.mkdir()
+    decoy.mkdir()
+    _write_config(chosen_root, pretrained_model_name_or_path=str(tmp_path / "no-such-checkpoint"))
+    _write_config(decoy, pretrained_model_name_or_path=str(tmp_path / "decoy-checkpoint"))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    exe = str(Path(sys.executable).parent / "simpletuner")
+    env = host_environ(HOME=str(workdir), CONFIG_PATH=str(decoy / "config" / "config.json"))
+    result = subprocess.run(
+        [exe, "train", "--config", str(chosen_root / "config" / "config.json")],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = result.stdout + result.stderr
     assert "is provided by plugin simpletuner-longcat-video" in output
     # Past the host's argument parsing and into our family: it is our checkpoint check that stops it.
     assert "error: argument" not in output and "unrecognized arguments" not in output
-    assert f"pretrained_model_name_or_path = '{tmp_path / 'no-such-checkpoint'}'" in output
+    assert f"pretrained_model_name_or_path = '{tmp_path / 'no-such-checkpoint'}'" in output, output[-3000:]
     assert "a local LongCat-Video checkpoint folder must exist" in output
+    assert "decoy-checkpoint" not in output
     assert result.returncode != 0
 
 
@@ -139,3 +159,19 @@ def test_train_block_sparse_without_cuda_is_refused_before_anything_loads(tmp_pa
     assert "this machine has none (no CUDA device" in output
     assert "Loading AutoencoderKLWan" not in output and "text_encoder/config.json" not in output
     assert not list(tmp_path.rglob("*.pt"))  # no cache of any kind
+
+
+def test_train_config_option_refuses_a_missing_or_wrong_file_by_name(tmp_path):
+    # Stopped in the CLI itself, before any training process starts.
+    missing = _simpletuner("train", "--config", "config/config.json", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "simpletuner train --config = 'config/config.json': there is no file " in missing.stderr
+    assert f"{tmp_path / 'config' / 'config.json'}. Fix: create it" in missing.stderr
+    _write_config(tmp_path)
+    (tmp_path / "config" / "config.toml").write_text("")
+    wrong = _simpletuner("train", "--config", str(tmp_path / "config" / "config.toml"), cwd=tmp_path)
+    assert wrong.returncode == 2 and "--config takes a SimpleTuner JSON config file" in wrong.stderr
+    both = _simpletuner("train", "--config", "config/config.json", "--env", "other", cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    for result in (missing, wrong, both):
+        assert "Running: accelerate launch" not in result.stdout

@@ -11,8 +11,9 @@ unconditionally, which raises without a GPU); right after the data backend facto
 (``simpletuner.helpers.data_backend.factory``) has executed, a family gets to read the data
 backend config before any dataset is configured; right after the validation module
 (``simpletuner.helpers.training.validation``) has executed, LongCat-Video's validation from the
-eval split starts from the paired start frames and its video files are named for what they hold.
-Until then nothing but ``sys`` is touched, so
+eval split starts from the paired start frames and its video files are named for what they hold;
+right after the CLI package (``simpletuner.cli``) has executed, ``simpletuner train`` gains the
+``--config PATH.json`` option. Until then nothing but ``sys`` is touched, so
 a Python process that never imports SimpleTuner pays only for reading this file (the startup
 benchmark in ``benchmarks/startup.py`` measures it). Set ``SIMPLETUNER_PLUGINS_DISABLE=1`` to
 skip the hook entirely.
@@ -29,6 +30,7 @@ HOOKS = {
     "simpletuner.helpers.training.collate": "extend_host_collate",
     "simpletuner.helpers.data_backend.factory": "extend_host_data_config",
     "simpletuner.helpers.training.validation": "extend_host_validation",
+    "simpletuner.cli": "add_train_config_option",
 }
 _fired: set = set()
 

@@ -112,6 +112,8 @@ class LongCatVideo(VideoModelFoundation):
 
     def check_user_config(self) -> None:
         super().check_user_config()
+        # First: a finished run stops here, before any other rule or any weight is read.
+        faults.prepare_resume(self.config, is_main_process=bool(getattr(self.accelerator, "is_main_process", True)))
         data.check_training_config(self.config)
         check_block_swap_config(self.config, self.accelerator.device)
         check_compile_config(self.config)

@@ -9,13 +9,20 @@
   the host's own non-finite-loss check then stops the run (4.10.1 has no option to skip the step).
 * A LoRA with non-finite weights is never written: a finite loss can still produce an update
   that overflows, which the host's loss check only notices one step later, after a save.
+* ``resume_from_checkpoint`` never lands on a checkpoint whose save was interrupted, and resuming
+  a run that already reached ``max_train_steps`` trains nothing (:func:`prepare_resume`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -216,3 +223,153 @@ def check_lora_finite(state_dicts: Mapping[str, Any], save_directory: str, last_
     )
     logger.error("%s", error)
     raise error
+
+
+# SimpleTuner 4.10.1 writes a checkpoint's files straight into ``checkpoint-N`` (unless
+# ``checkpointing_use_tempdir`` is set) and its completion guard last
+# (``simpletuner.helpers.utils.checkpoint_manager.CheckpointManager.write_guard``): a folder
+# without the guard is a save that never finished.
+CHECKPOINT_GUARD = ".guard"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)(?:-[A-Za-z]+)?")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One ``checkpoint-N`` folder of an output directory."""
+
+    path: Path
+    step: int
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / CHECKPOINT_GUARD).is_file()
+
+    def global_step(self) -> int | None:
+        """The step the checkpoint's ``training_state.json`` records (None when unreadable)."""
+        try:
+            return int(json.loads((self.path / "training_state.json").read_text())["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Checkpoint]:
+    """The checkpoints ``resume_from_checkpoint: latest`` chooses from, oldest first.
+
+    The same candidates as the host's ``CheckpointManager.get_latest_checkpoint``: ``checkpoint-N``
+    and suffixed ones such as ``checkpoint-N-rolling``, never the ``-tmp`` folders of a save to a
+    temporary directory.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        Checkpoint(entry, int(match[1]))
+        for entry in root.iterdir()
+        if entry.is_dir() and (match := _CHECKPOINT_NAME.fullmatch(entry.name)) and not entry.name.endswith("tmp")
+    ]
+    return sorted(found, key=lambda checkpoint: (checkpoint.step, checkpoint.path.name))
+
+
+def _final_lora_state(final: Path, saved: Path) -> str:
+    """How the final LoRA compares with the checkpoint's: "same", "missing", "damaged" or "different"."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not final.is_file():
+        return "missing"
+    try:
+        ours = load_file(str(final))
+    except (OSError, SafetensorError, ValueError):
+        return "damaged"
+    theirs = load_file(str(saved))
+    same = ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    return "same" if same else "different"
+
+
+def _finish_run(config: Any, checkpoint: Checkpoint, step: int, is_main_process: bool) -> None:
+    """Leave a finished run's result alone (or restore it from its last checkpoint), then stop."""
+    output_dir = Path(config.output_dir)
+    final, saved = output_dir / LORA_WEIGHTS, checkpoint.path / LORA_WEIGHTS
+    finished = f"the run in {output_dir} is finished: {checkpoint.path.name} is at step {step}, max_train_steps is "
+    finished += f"{config.max_train_steps}; nothing is trained (raise max_train_steps to train further)"
+    state = _final_lora_state(final, saved) if saved.is_file() else "same"
+    if state == "same":
+        kept = f"{final} is left unchanged" if final.is_file() else "output_dir is left unchanged"
+        if is_main_process:
+            logger.info("LongCat-Video: %s; %s", finished, kept)
+    elif is_main_process:
+        partial = final.with_name(final.name + ".tmp")
+        shutil.copyfile(saved, partial)
+        os.replace(partial, final)  # atomic: a second interruption leaves the old file or the new one
+        why = {
+            "missing": "was missing (the run was stopped after its last checkpoint)",
+            "damaged": "was damaged (the run was stopped while it was written)",
+            "different": f"held other weights than {checkpoint.path.name}",
+        }[state]
+        logger.warning(
+            "LongCat-Video: %s; the final LoRA %s %s, so it was written from %s (the final validation was not repeated)",
+            finished,
+            final,
+            why,
+            saved,
+        )
+    raise SystemExit(0)
+
+
+def prepare_resume(config: Any, is_main_process: bool = True) -> None:
+    """Make ``resume_from_checkpoint`` safe against interrupted saves and finished runs.
+
+    Called from the family's config check, before anything is loaded. ``latest`` becomes the
+    newest *complete* checkpoint (one log line names the incomplete ones skipped); an explicitly
+    named incomplete checkpoint is refused by name. If the checkpoint resumed from is already at
+    ``max_train_steps``, the run stops here with exit code 0: SimpleTuner 4.10.1 would train one
+    more step and overwrite the final LoRA with it.
+    """
+    value = getattr(config, "resume_from_checkpoint", None)
+    output_dir = getattr(config, "output_dir", None)
+    if not value or str(value) in ("None", "") or not output_dir or "://" in str(value):
+        return  # nothing to resume, or a remote checkpoint the host downloads itself
+    checkpoints = list_checkpoints(output_dir)
+    if str(value) == "latest":
+        complete = [checkpoint for checkpoint in checkpoints if checkpoint.complete]
+        chosen = complete[-1] if complete else None
+        skipped = [c.path.name for c in checkpoints if not c.complete and (chosen is None or c.step >= chosen.step)]
+        if skipped:
+            instead = (
+                f"resuming from {chosen.path.name}"
+                if chosen
+                else "no complete checkpoint is left: training starts at step 0"
+            )
+            logger.warning(
+                "LongCat-Video: %s in %s %s incomplete (no %s: the save was interrupted) and %s skipped; %s",
+                ", ".join(skipped),
+                output_dir,
+                "is" if len(skipped) == 1 else "are",
+                CHECKPOINT_GUARD,
+                "is" if len(skipped) == 1 else "are",
+                instead,
+            )
+        if chosen is None:
+            config.resume_from_checkpoint = None if skipped else value
+            return
+        config.resume_from_checkpoint = chosen.path.name
+    else:
+        # The host resumes from output_dir/<the value's last path component>, whatever comes before it.
+        name = os.path.basename(str(value).rstrip("/"))
+        chosen = next((checkpoint for checkpoint in checkpoints if checkpoint.path.name == name), None)
+        if chosen is None:
+            return  # the host says it does not exist and starts a new run
+        if not chosen.complete:
+            complete = [checkpoint.path.name for checkpoint in checkpoints if checkpoint.complete]
+            raise LongCatVideoError(
+                where="resume_from_checkpoint",
+                value=value,
+                rule=f"{chosen.path} is incomplete: it has no {CHECKPOINT_GUARD}, which SimpleTuner writes last, "
+                "so its save was interrupted",
+                fix=f'use "latest" (the newest complete checkpoint) or one of {complete or "(none: start without it)"}',
+            )
+    step = chosen.global_step()
+    max_steps = int(getattr(config, "max_train_steps", 0) or 0)
+    if step is not None and max_steps > 0 and step >= max_steps:
+        _finish_run(config, chosen, step, is_main_process)

@@ -509,3 +509,78 @@ def _stitched_file_label(frames: Any, label: str, generated: tuple[int, int] | N
         canvas.paste(frame.convert("RGB"), (0, 0))
         padded.append(canvas)
     return padded, f"{size}-stitched-{grid[0]}x{grid[1]}"
+
+
+def add_train_config_option(cli: Any) -> None:
+    """``simpletuner train --config PATH.json`` (the seed's command), mapped onto the host's ``--env``.
+
+    Patch of SimpleTuner 4.10.1's ``simpletuner.cli._add_train_parser``: its ``train`` command has
+    no ``--config`` (argparse stops with "unrecognized arguments: --config"), but it reads a JSON
+    config named by ``--env <file>.json`` and by ``CONFIG_PATH``. ``--config`` joins ``--env`` and
+    ``--example`` in their mutually exclusive group, is checked here (a clear error naming the
+    file), and is then handed to the host as exactly those two.
+    """
+    original = getattr(cli, "_add_train_parser", None)
+    if original is None or getattr(original, "_plugin_wrapped", False):
+        return
+
+    def _add_train_parser(subparsers: Any) -> None:
+        original(subparsers)
+        train = subparsers.choices.get("train")
+        if train is None or "--config" in train._option_string_actions:
+            return
+        exclusive = [g for g in train._mutually_exclusive_groups if "--env" in _option_strings(g._group_actions)]
+        (exclusive[0] if exclusive else train).add_argument(
+            "--config",
+            metavar="PATH.json",
+            help="[plugin] run training with this JSON config file (relative to the working directory or absolute)",
+        )
+        host_command = train.get_default("func")
+
+        def cmd_train(args: Any) -> int:
+            if getattr(args, "config", None):
+                from simpletuner_longcat_video.errors import LongCatVideoError
+
+                try:
+                    args.env = config_file_as_env(args.config, os.environ)
+                except LongCatVideoError as error:
+                    train.error(str(error))
+            return host_command(args)
+
+        train.set_defaults(func=cmd_train)
+
+    _add_train_parser._plugin_wrapped = True  # type: ignore[attr-defined]
+    cli._add_train_parser = _add_train_parser
+
+
+def _option_strings(actions: Any) -> set[str]:
+    return {option for action in actions for option in action.option_strings}
+
+
+def config_file_as_env(raw: str, environ: Any) -> str:
+    """The host's environment for ``--config raw``: the absolute file path, also set as CONFIG_PATH.
+
+    ``--env`` alone is not enough: the host's JSON loader tries ``CONFIG_PATH`` first, so a value
+    left in the user's shell would win over the file named on the command line.
+    """
+    from simpletuner_longcat_video.errors import LongCatVideoError
+
+    path = os.path.abspath(os.path.expanduser(raw))
+    if not path.lower().endswith(".json"):
+        raise LongCatVideoError(
+            where="simpletuner train --config",
+            value=raw,
+            rule="--config takes a SimpleTuner JSON config file (a name ending in .json)",
+            fix="give the path of your config.json (for a folder of config files use --env FOLDER)",
+        )
+    if not os.path.isfile(path):
+        raise LongCatVideoError(
+            where="simpletuner train --config",
+            value=raw,
+            rule=f"there is no file {path}",
+            fix="create it (cp config/config.json.example config/config.json in a checkout of the plugin), "
+            "or give the path of an existing config, relative to the working directory or absolute",
+        )
+    environ["CONFIG_BACKEND"] = "json"
+    environ["CONFIG_PATH"] = path
+    return path

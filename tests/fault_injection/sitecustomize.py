@@ -16,16 +16,27 @@ unless its environment variable is set:
   training batch, right after the family has put the start frame into it
   (``prepare_batch_conditions``), writes ``<folder>/batch_<n>.pt`` (its files, latent frame 0 and
   the number of condition frames). Only recorded, never changed.
+* ``LONGCAT_FAULT_PAUSE=<folder>:<when>,...`` with ``LONGCAT_FAULT_PAUSE_DIR`` (tests/test_faults.py):
+  the family's LoRA save into ``<folder>`` (a ``checkpoint-N`` folder, or ``output`` for the
+  final LoRA) stops and waits there, so that the test can interrupt the run at exactly that
+  moment. ``<when>`` is ``before`` (nothing of the LoRA written yet) or ``after`` (the LoRA
+  written, the rest of the run still to come). The worker first writes its pid into
+  ``$LONGCAT_FAULT_PAUSE_DIR/<folder>``, so the test knows it is there.
 
-Everything around these points is the real code: host loop, family, attention seam, pipeline.
+Everything around these points is the real code: host loop, family, attention seam, pipeline,
+saves.
 """
 
 import functools
 import os
 import sys
+import time
+from pathlib import Path
 
 FAIL_AT = int(os.environ.get("LONGCAT_FAULT_BSA_FAIL_AT", "0") or 0)
 RECORD_DIR = os.environ.get("LONGCAT_RECORD_DIR")
+PAUSES = dict(item.split(":", 1) for item in os.environ.get("LONGCAT_FAULT_PAUSE", "").split(",") if ":" in item)
+PAUSE_DIR = os.environ.get("LONGCAT_FAULT_PAUSE_DIR", "")
 
 
 def _inject_bsa_failure(module) -> None:
@@ -105,11 +116,44 @@ def _record_calls(family) -> None:
     family.LongCatVideo.prepare_batch_conditions = prepare_batch_conditions
 
 
+def _pause(folder: str) -> None:
+    (Path(PAUSE_DIR) / folder).write_text(str(os.getpid()))
+    sys.stderr.write(f"[fault-injection] LoRA save into {folder} paused\n")
+    time.sleep(600)  # the test interrupts the run long before this ends
+
+
+def _pause_saves(module) -> None:
+    save = module.LongCatVideo.save_lora_weights
+
+    def save_lora_weights(self, *args, **kwargs):
+        directory = Path(args[0] if args else kwargs["save_directory"])
+        when = PAUSES.get(directory.name)
+        if when == "before":
+            _pause(directory.name)
+        result = save(self, *args, **kwargs)
+        if when == "after":
+            _pause(directory.name)
+        return result
+
+    module.LongCatVideo.save_lora_weights = save_lora_weights
+
+
+def _both(first, second):
+    def inject(module) -> None:
+        first(module)
+        second(module)
+
+    return inject
+
+
 TARGETS = {}
 if FAIL_AT > 0:
     TARGETS["simpletuner_longcat_video.attention_bsa"] = _inject_bsa_failure
 if RECORD_DIR:
     TARGETS["simpletuner_longcat_video.family"] = _record_calls
+if PAUSES and PAUSE_DIR:
+    family = "simpletuner_longcat_video.family"  # other parts may hook the family module as well
+    TARGETS[family] = _both(TARGETS[family], _pause_saves) if family in TARGETS else _pause_saves
 
 
 class _Watcher:
