@@ -90,3 +90,12 @@ def test_a_file_that_is_no_image_is_named(tmp_path):
     path = tmp_path / "clip.png"
     path.write_bytes(b"not a picture")
     assert data_files.image_size(str(path)).startswith("cannot be read as an image")
+
+
+def test_a_missing_pyav_is_not_reported_as_broken_clips(tmp_path, monkeypatch):
+    """Without PyAV every clip read as "corrupt or truncated: ModuleNotFoundError" (seen on a bare GPU image)."""
+    path = write_video(tmp_path / "clip.mp4", synthetic_clip(0, frames=5, height=32, width=32))
+    assert data_files.clip_info(str(path)).frames == 5
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # what `import av` sees when it is not installed
+    with pytest.raises(ImportError):
+        data_files.clip_info(str(path))

@@ -81,11 +81,12 @@ def clip_info(path: str, enough: int | None = None) -> ClipInfo:
     would cost seconds per clip at start-up); below that, frames are decoded (stopping at
     ``enough``), so a clip near or under the limit is counted exactly.
     """
+    # Imported outside the try: a missing PyAV is an installation problem, not a broken clip.
+    import av
+
     try:
         if os.path.getsize(path) == 0:
             return ClipInfo(0, problem="is empty (0 bytes)")
-        import av
-
         with av.open(path) as container:
             if not container.streams.video:
                 return ClipInfo(0, problem="has no video stream")
