@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The full-size run through the host on the lent GPU machine (benchmarks/full_size_run.py), in
-# calls that each carry one share of the wheels (the whole set is ~150 MB; a call carries 64 MiB):
+# calls that each carry one share of the wheels (the whole set is ~190 MB; a call carries 64 MiB):
 #   full-1  carry [".whl1"]: install; build the full-size checkpoint + dataset in the background;
 #           run the group-offload probe meanwhile; wait for the build
-#   full-2  carry [".whl2"]: install
-#   full-3  carry [".whl3"]: install; start every host run in the background (main, resume, the
+#   full-2, full-3  carry [".whl2"], [".whl3"]: install
+#   full-4  carry [".whl4"]: install; start every host run in the background (main, resume, the
 #           memory recipes side by side); wait up to ~9 minutes
 #   poll    wait up to ~9 minutes more; results and log tails land in $OUT each time
 # Made by benchmarks/device_wheels.sh on the development machine. The machine keeps /root/lcv and
 # /tmp/site only while it stays warm (30 s after a call): send the next call at once.
 set -uo pipefail
 part=$1
+shift || true
 root=${LCV_ROOT:-/root/lcv}
 site=${LCV_SITE:-/tmp/site}
 tiny=${LCV_TINY:+--tiny}  # LCV_TINY=1: the same calls on a CPU with a tiny checkpoint (a rehearsal)
@@ -50,11 +51,11 @@ case $part in
         tail -3 $root/build.log; df -h / | tail -1
         report
         ;;
-    2)
-        install_part 2
+    2 | 3)
+        install_part "$part"
         ;;
-    3)
-        install_part 3
+    4)
+        install_part 4
         (cd /tmp && python3 -c "import simpletuner, simpletuner_longcat_video, diffusers, peft; print('host', simpletuner.__file__)")
         (cd /tmp && setsid nohup bash -c "while [[ ! -f $root/LongCat-Video/BUILD.json ]]; do sleep 5; done; \
             python3 $root/repo/benchmarks/full_size_run.py --stage runs --root $root $tiny --parallel-recipes; touch $root/DONE" \
@@ -63,7 +64,7 @@ case $part in
         report
         ;;
     poll)
-        wait_for $root/DONE 560
+        wait_for $root/DONE "${1:-560}"
         report
         ;;
 esac

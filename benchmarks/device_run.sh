@@ -2,13 +2,13 @@
 # One call on the lent GPU machine: install the carried wheels (diffusers, peft, this package),
 # then run the block-sparse correctness script and the benchmarks. Output tables land in $OUT.
 # Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|train|multi|all] [train rows | multi modes]
-# The full-size host run: bash benchmarks/device_run.sh full-1 | full-2 | full-3 | full-poll (see device_full.sh).
+# The full-size host run: bash benchmarks/device_run.sh full-1 | full-2 | full-3 | full-4 | full-poll [seconds] (see device_full.sh).
 # `multi` needs the nvidia-h200-x2 kind (two GPUs of one host).
 set -uo pipefail
 what=${1:-all}
 export PYTHONUNBUFFERED=1
 if [[ $what == full-* ]]; then
-    exec bash benchmarks/device_full.sh "${what#full-}"
+    exec bash benchmarks/device_full.sh "${what#full-}" "${2:-}"
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
