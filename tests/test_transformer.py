@@ -353,6 +353,52 @@ def test_gradient_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(grads_ckpt[name], grads_ref[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _probing_backend(probes: list[int]):
+    """A backend whose availability probe runs a forward and backward, as the block-sparse one does."""
+    import torch.nn.functional as F
+
+    def probe() -> bool:
+        probes.append(1)
+        q = torch.randn(1, 1, 8, 4, requires_grad=True)
+        F.scaled_dot_product_attention(q, q, q).sum().backward()
+        return True
+
+    def backend(q, k, v, **_):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    return backend, probe
+
+
+@pytest.mark.parametrize("when", ["at set_attention_options", "inside the first checkpointed block"])
+def test_a_backend_probe_with_autograd_does_not_break_checkpointing(monkeypatch, when):
+    """On the H200 the first checkpointed step raised "A different number of tensors was saved during
+    the original forward and recomputation": the block-sparse probe (a forward and backward, asked
+    once) ran inside block 0's forward and not in its recomputation."""
+    from simpletuner_longcat_video import attention
+
+    model = tiny_model().train()
+    x, t, y, mask = inputs()
+    loss_ref, grads_ref = _loss_and_grads(model, x, t, y, mask)
+    probes: list[int] = []
+    backend, probe = _probing_backend(probes)
+    monkeypatch.setattr(attention, "_REGISTRY", dict(attention._REGISTRY))
+    attention.register_backend("probing", backend, probe)
+    if when == "at set_attention_options":
+        model.set_attention_options(backend="probing")
+        assert probes == [1]  # asked at setup, outside any forward
+    else:
+        # Options set without asking (as a caller holding an old registry would): the probe then
+        # runs inside block 0's checkpointed forward.
+        model.attention_options = attention.AttentionOptions(backend="probing")
+        assert probes == []
+    model.enable_gradient_checkpointing()
+    loss, grads = _loss_and_grads(model, x, t, y, mask)
+    assert probes == [1]
+    assert torch.equal(loss, loss_ref)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_lora_targets_cover_attention_and_ffn_only():
     model = tiny_model()
     names = [n for n, _ in model.named_modules()]

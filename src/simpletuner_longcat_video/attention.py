@@ -144,13 +144,23 @@ class _Registered:
                 self.available = True
             else:
                 try:
-                    self.available = bool(self.is_available())
+                    # A probe may run autograd (the block-sparse one runs a backward). Asked inside
+                    # a checkpointed forward, its saved tensors would go through the checkpoint's
+                    # hooks in the forward but not in the recomputation (the answer is cached), and
+                    # torch refuses that backward ("a different number of tensors was saved"). The
+                    # probe's own tensors get their own, plain hooks.
+                    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), torch.enable_grad():
+                        self.available = bool(self.is_available())
                 except Exception as exc:  # a probe that crashes means "not available", not a crash
                     logger.warning(
                         "attention backend %r: is_available() raised %r; treating it as unavailable", self.name, exc
                     )
                     self.available = False
         return self.available
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 _LOCK = threading.Lock()

@@ -567,11 +567,14 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         registered with :func:`simpletuner_longcat_video.attention.register_backend`.
         """
         new = dataclasses.replace(options or self.attention_options, **changes)
-        if new.backend != "auto" and new.backend not in registered_backends():
+        # Asked here, outside any forward: every availability probe runs now (the block-sparse one
+        # compiles and runs its kernels), not lazily inside the first checkpointed block.
+        known = registered_backends()
+        if new.backend != "auto" and new.backend not in known:
             raise LongCatVideoError(
                 where="attention backend",
                 value=new.backend,
-                rule=f"no such backend is registered (known: auto, {', '.join(registered_backends())})",
+                rule=f"no such backend is registered (known: auto, {', '.join(known)})",
                 fix="install the package that provides it, or choose 'auto' or 'sdpa'",
             )
         self.attention_options = new
