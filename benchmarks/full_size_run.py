@@ -478,44 +478,51 @@ def recipe_changes(recipe: str, work: Path, tiny: bool) -> dict:
     return changes
 
 
-def run_all(root: Path, stages: list[str], timeout: float, tiny: bool, parallel_recipes: bool) -> dict:
+def run_all(root: Path, groups: list[list[str]], timeout: float, tiny: bool) -> dict:
+    """Run the groups one after another; the runs inside a group at the same time on the same GPU.
+
+    A run is ``main``, ``resume`` or ``recipe:<name>``. Runs side by side report each process's own
+    memory (torch's peak inside it, NVML's figure for its pid); their s/step are slowed by the
+    neighbours and are marked with ``concurrent_with``.
+    """
     path = root / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     results["device"] = device_name()
-    if "main" in stages:
-        results["runs"]["main"] = run_host(root, "main", timeout)
-        results["runs"]["main"]["outputs"] = outputs(root)
-        save(root, results)
-    if "resume" in stages:
-        edit_config(root, max_train_steps=MAIN["max_train_steps"] + 2, resume_from_checkpoint="latest")
-        results["runs"]["resume"] = run_host(root, "resume", timeout)
-        results["runs"]["resume"]["outputs"] = outputs(root)
-        edit_config(root, max_train_steps=MAIN["max_train_steps"], resume_from_checkpoint=None)
-        save(root, results)
-    recipes = [s.split(":", 1)[1] for s in stages if s.startswith("recipe:")]
-    works = {}
-    for recipe in recipes:
-        works[recipe] = recipe_workdir(root, recipe)
-        edit_config(works[recipe], **recipe_changes(recipe, works[recipe], tiny))
-    if parallel_recipes and len(recipes) > 1:
-        # One process per recipe on the same GPU: the memory figures are each process's own (torch's
-        # peak inside it); the s/step figures are slowed by the neighbours and marked as such.
-        threads = {}
-        for recipe in recipes:
-            thread = threading.Thread(
-                target=lambda r=recipe: results["runs"].__setitem__(r, run_host(works[r], r, timeout))
-            )
-            threads[recipe] = thread
-            thread.start()
-        for thread in threads.values():
-            thread.join()
-        for recipe in recipes:
-            results["runs"][recipe]["concurrent_with"] = [r for r in recipes if r != recipe]
-        save(root, results)
-    else:
-        for recipe in recipes:
+    works: dict[str, Path] = {}
+
+    def one(run: str) -> None:
+        if run == "main":
+            results["runs"]["main"] = run_host(root, "main", timeout)
+            results["runs"]["main"]["outputs"] = outputs(root)
+        elif run == "resume":
+            results["runs"]["resume"] = run_host(root, "resume", timeout)
+            results["runs"]["resume"]["outputs"] = outputs(root)
+        else:
+            recipe = run.split(":", 1)[1]
             results["runs"][recipe] = run_host(works[recipe], recipe, timeout)
-            save(root, results)
+
+    for group in groups:
+        # Recipe folders are copied from the main run's config before resume edits it.
+        for run in group:
+            if run.startswith("recipe:"):
+                recipe = run.split(":", 1)[1]
+                works[recipe] = recipe_workdir(root, recipe)
+                edit_config(works[recipe], **recipe_changes(recipe, works[recipe], tiny))
+        if "resume" in group:
+            edit_config(root, max_train_steps=MAIN["max_train_steps"] + 2, resume_from_checkpoint="latest")
+        threads = [threading.Thread(target=one, args=(run,)) for run in group]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if "resume" in group:
+            edit_config(root, max_train_steps=MAIN["max_train_steps"], resume_from_checkpoint=None)
+        if len(group) > 1:
+            for run in group:
+                name = run.split(":", 1)[-1]
+                if name in results["runs"]:
+                    results["runs"][name]["concurrent_with"] = [r.split(":", 1)[-1] for r in group if r != run]
+        save(root, results)
     return results
 
 
@@ -575,7 +582,6 @@ def main() -> int:
         help="build | runs | all, or a comma list of main,resume,recipe:<name> (recipes: " + ",".join(RECIPES) + ")",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per host run")
-    parser.add_argument("--parallel-recipes", action="store_true", help="run the recipes at the same time")
     args = parser.parse_args()
     root = args.root.resolve()
     geometry = TINY if args.tiny else FULL
@@ -596,10 +602,10 @@ def main() -> int:
         print(f"built under {root}", flush=True)
     if stage == "build":
         return 0
-    stages = (
-        ["main", "resume", *(f"recipe:{name}" for name in RECIPES)] if stage in ("runs", "all") else stage.split(",")
-    )
-    results = run_all(root, stages, args.timeout, args.tiny, args.parallel_recipes)
+    default = "main;resume,recipe:lowest;recipe:int8-quanto,recipe:swap8"
+    spec = default if stage in ("runs", "all") else stage
+    groups = [group.split(",") for group in spec.split(";")]
+    results = run_all(root, groups, args.timeout, args.tiny)
     print(table(results), flush=True)
     return 0 if all(run.get("exit_code") == 0 for run in results["runs"].values()) else 1
 
