@@ -73,6 +73,24 @@ def test_noise_is_drawn_before_the_start_image_as_upstream_does(tiny_pipeline):
     assert torch.equal(i2v[:, :, :1], tiny_pipeline.encode_image([image], 64, 64, generator))
 
 
+def test_a_cpu_generator_draws_noise_for_a_pipeline_on_another_device(tiny_pipeline, monkeypatch):
+    """The host's validation hands a CPU generator to a pipeline on the GPU (on the H200 the noise
+    draw raised "Expected a 'cuda' device type for generator but found 'cpu'"). CUDA's rule is
+    applied here to every torch.randn, and the pipeline runs on "meta" as its other device."""
+    real_randn = torch.randn
+
+    def randn_as_cuda_checks_it(*args, generator=None, device=None, **kwargs):
+        if generator is not None and torch.device(device or "cpu").type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator")
+        return real_randn(*args, generator=generator, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", randn_as_cuda_checks_it)
+    monkeypatch.setattr(type(tiny_pipeline), "_execution_device", property(lambda self: torch.device("meta")))
+    latents, num_cond = tiny_pipeline.prepare_latents(1, 64, 64, 9, None, torch.Generator().manual_seed(5))
+    assert latents.device.type == "meta" and num_cond == 0
+    assert latents.shape == (1, 16, 3, 8, 8)
+
+
 def test_each_video_of_a_start_image_gets_its_own_draw(tiny_pipeline):
     draws = tiny_pipeline.encode_image([start_image()], 64, 64, torch.Generator().manual_seed(0), num_latents=2)
     assert draws.shape[0] == 2 and not torch.allclose(draws[0], draws[1])

@@ -41,7 +41,7 @@ FORMATS = {
     "clip_003": (".bmp", "BMP"),
     "clip_004": (".JPG", "JPEG"),
 }
-ODD = "clip_005"  # 100x72 px, 12 frames at 12 fps: squashed into the 64x64 bucket, cut to 9 frames
+ODD = "clip_005"  # 100x72 px, 12 frames at 12 fps: 64 px high on the 16 px grid (96x64), cut to 9 frames
 
 
 def _deterministic_vae(checkpoint: Path) -> None:
@@ -200,7 +200,7 @@ def test_the_log_says_what_the_host_does_to_the_clips(users_run):
     (line,) = [line for line in log.splitlines() if "LongCat-Video dataset 'longcat-video-train'" in line]
     assert "6 clips" in line
     assert "64x64 -> 64x64 (5 clips)" in line
-    assert "100x72 -> 64x64 (1 clip): squashed, aspect 1.39 -> 1.00 (crop is off" in line
+    assert "100x72 -> 96x64 (1 clip): squashed, aspect 1.39 -> 1.50 (crop is off" in line
     assert "Frames: the first 9 of 9 to 12 (video.num_frames" in line
     assert "clips at 8, 12 fps, framerate 8: frames are used as they are, not resampled" in line
     # What the line says is what was cached: the odd clip's latent is the 64x64 bucket, 9 frames.

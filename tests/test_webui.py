@@ -321,16 +321,18 @@ def test_saved_environment_renders_the_image_to_video_preview(webui_flow):
     assert result.returncode == 0, output[-4000:]
     assert "Collected 1 validation input images." in output
     assert "LongCat-Video sampling: image-to-video (start image in latent frame 0), 64x64, 9 frames" in output
-    # Named after the uploaded file; the host shows it as [input | step 0] side by side, 9 frames.
+    # Named after the uploaded file: the video itself, and [input | step 0] side by side, 9 frames each.
     previews = [
         video for video in webui_flow["videos"] if video.name.startswith("step_0_validation_input_0_walk_start")
     ]
-    assert previews and previews[0].name.endswith("_64x64.mp4"), webui_flow["videos"]
-    with av.open(str(previews[0])) as container:
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    assert len(frames) == demo.TINY_FRAMES
-    height, width = frames[0].shape[:2]
-    assert height >= 64 and width >= 2 * 64
+    (plain,) = [video for video in previews if video.name.endswith("_64x64.mp4")]
+    (stitched,) = [video for video in previews if "_64x64-stitched-" in video.name]
+    for video, least_width in ((plain, 64), (stitched, 2 * 64)):
+        with av.open(str(video)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        assert len(frames) == demo.TINY_FRAMES, video.name
+        height, width = frames[0].shape[:2]
+        assert height >= 64 and width >= least_width, (video.name, frames[0].shape)
 
 
 def test_the_page_needed_nothing_from_outside(webui_flow):

@@ -137,6 +137,12 @@ class LongCatVideo(VideoModelFoundation):
     def requires_validation_i2v_samples(self) -> bool:
         return bool(getattr(self.config, "validation_using_datasets", False))
 
+    def validation_preserves_reference_images(self) -> bool:
+        # SimpleTuner 4.10.1 otherwise re-sizes a conditioned validation by pixel area on the bucket
+        # grid: 832x480 became 816x480 on the H200, another size than training's 832x480 buckets.
+        # The size asked for is used as it is; update_pipeline_call_kwargs resizes the start image.
+        return True
+
     def requires_conditioning_validation_inputs(self) -> bool:
         # Start frames given by path (validation_input, the WebUI's "Validation Input Images") must
         # take the host's sizing branch for conditioned inputs: SimpleTuner 4.10.1's validate_prompt

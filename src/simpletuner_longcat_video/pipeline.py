@@ -22,6 +22,7 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscret
 from diffusers.loaders.lora_pipeline import CogVideoXLoraLoaderMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
@@ -191,7 +192,9 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
         )
         device = self._execution_device
         if latents is None:
-            latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+            # The host hands a CPU generator to a pipeline on the GPU: drawn where the generator
+            # lives, then moved (diffusers' randn_tensor), so a seed gives the same video anywhere.
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:
             latents = latents.to(device=device, dtype=torch.float32).clone()
         if image is None:
