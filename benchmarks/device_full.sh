@@ -27,16 +27,25 @@ install_part() {
     pth="$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz-longcat-device-site.pth"
     [[ -f $pth ]] || echo "import site; site.addsitedir('$site')" > "$pth"
 }
-wait_for() {  # wait_for FILE SECONDS
-    local waited=0
-    while [[ ! -f $1 && $waited -lt $2 ]]; do sleep 5; waited=$((waited + 5)); done
-}
-report() {
+snapshot() {  # what a call killed at its time limit still brings back: results, logs, phase events
     cp $root/results.json "$OUT/full_size_results.json" 2>/dev/null
     cp $root/LongCat-Video/BUILD.json "$OUT/build.json" 2>/dev/null
     for log in $root/*.log $root/recipe-*/train-*.log; do
         [[ -f $log ]] && tail -c 60000 "$log" | sed 's/\x1b\[[0-9;]*m//g' > "$OUT/$(basename "$(dirname "$log")")-$(basename "$log")"
     done
+    for probe in $root/probe-*.jsonl $root/recipe-*/probe-*.jsonl; do
+        [[ -f $probe ]] && cp "$probe" "$OUT/$(basename "$(dirname "$probe")")-$(basename "$probe")"
+    done
+}
+wait_for() {  # wait_for FILE SECONDS
+    local waited=0
+    while [[ ! -f $1 && $waited -lt $2 ]]; do
+        sleep 5; waited=$((waited + 5))
+        (( waited % 20 == 0 )) && snapshot
+    done
+}
+report() {
+    snapshot
     ls $root/output/validation_images 2>/dev/null | head
     tail -5 $root/runs.log 2>/dev/null
     nvidia-smi --query-gpu=memory.used --format=csv,noheader
