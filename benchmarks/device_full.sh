@@ -7,6 +7,9 @@
 #   full-4  carry [".whl4"]: install; start every host run in the background (main, resume, the
 #           memory recipes side by side); wait up to ~9 minutes
 #   poll    wait up to ~9 minutes more; results and log tails land in $OUT each time
+# LCV_RUNS picks the runs (full_size_run.py --stage, default "runs": all of them), e.g.
+# LCV_RUNS=recipe:validation,recipe:swap8; LCV_QUICK=1 makes full-1 skip the group-offload probe
+# and return without waiting for the build (the later calls' installs overlap it).
 # Made by benchmarks/device_wheels.sh on the development machine. The machine keeps /root/lcv and
 # /tmp/site only while it stays warm (30 s after a call): send the next call at once.
 set -uo pipefail
@@ -46,8 +49,10 @@ case $part in
         rm -rf $root/repo && mkdir -p $root/repo && cp -r benchmarks examples $root/repo/
         (cd /tmp && setsid nohup python3 $root/repo/benchmarks/full_size_run.py --stage build --root $root $tiny \
             > $root/build.log 2>&1 &)
-        (cd /tmp && python3 $root/repo/benchmarks/group_offload_probe.py 2>&1 | grep -v Warning | tee "$OUT/group_offload_probe.txt")
-        wait_for $root/LongCat-Video/BUILD.json 420
+        if [[ -z ${LCV_QUICK:-} ]]; then
+            (cd /tmp && python3 $root/repo/benchmarks/group_offload_probe.py 2>&1 | grep -v Warning | tee "$OUT/group_offload_probe.txt")
+            wait_for $root/LongCat-Video/BUILD.json 420
+        fi
         tail -3 $root/build.log; df -h / | tail -1
         report
         ;;
@@ -58,7 +63,7 @@ case $part in
         install_part 4
         (cd /tmp && python3 -c "import simpletuner, simpletuner_longcat_video, diffusers, peft; print('host', simpletuner.__file__)")
         (cd /tmp && setsid nohup bash -c "while [[ ! -f $root/LongCat-Video/BUILD.json ]]; do sleep 5; done; \
-            python3 $root/repo/benchmarks/full_size_run.py --stage runs --root $root $tiny; touch $root/DONE" \
+            python3 $root/repo/benchmarks/full_size_run.py --stage ${LCV_RUNS:-runs} --root $root $tiny; touch $root/DONE" \
             > $root/runs.log 2>&1 &)
         wait_for $root/DONE 540
         report

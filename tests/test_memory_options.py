@@ -248,3 +248,15 @@ def test_compiled_blocks_with_a_quanto_base_are_refused():
     check_compile_config(SimpleNamespace(longcat_compile_blocks="false", base_model_precision="int8-quanto"))
     with pytest.raises(LongCatVideoError, match=r"longcat_compile_blocks = .*int8-quanto.*cannot trace optimum-quanto"):
         check_compile_config(SimpleNamespace(longcat_compile_blocks="true", base_model_precision="int8-quanto"))
+
+
+def test_block_swap_brings_the_lora_of_swapped_blocks_to_the_compute_device():
+    # The H200 host run: the LoRA was created in CPU memory and the swapped blocks' LoRA weights
+    # stayed there ("mat2 is on cpu ... cuda:0"). Here "meta" stands in for the GPU, which a
+    # CPU tensor cannot be moved onto in place: the test checks what the forward would move.
+    model = _model()
+    model.enable_block_swap(2, "cpu")
+    lora = {id(p) for i in (2, 3) for n, p in model.blocks[i].named_parameters() if "lora_" in n}
+    moved = model._swapped_trainables_elsewhere(torch.device("meta"))
+    assert {id(p) for p in moved} == lora and len(lora) == 2 * 2 * len(LORA_TARGET_MODULES)
+    assert model._swapped_trainables_elsewhere(torch.device("cpu")) == []  # already there: no move

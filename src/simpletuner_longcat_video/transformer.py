@@ -598,6 +598,25 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             list(range(depth - blocks_to_swap, depth)), torch.device(device), logger
         )
 
+    def _place_swapped_trainables(self, device: torch.device) -> None:
+        # The host adds the LoRA while the DiT is in CPU memory and then moves every block but the
+        # swapped ones; on CUDA its manager streams only a checkpointed block's frozen weights (its
+        # pinned H2D ring), so LoRA weights left in CPU memory stayed there: the H200 run stopped in
+        # the first step with "mat2 is on cpu, different from other tensors on cuda:0". Trainable
+        # weights (and their gradients) live on the compute device, as this class promises.
+        for param in self._swapped_trainables_elsewhere(device):
+            param.data = param.data.to(device)
+            if param.grad is not None:
+                param.grad = param.grad.to(device)
+
+    def _swapped_trainables_elsewhere(self, device: torch.device) -> list[nn.Parameter]:
+        return [
+            param
+            for index in self.swapped_blocks
+            for param in self.blocks[index].parameters()
+            if param.requires_grad and param.device != device
+        ]
+
     @property
     def swapped_blocks(self) -> list[int]:
         """Indices of the blocks that block swap streams (empty when it is off)."""
@@ -814,6 +833,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         checkpointing = grad and self.gradient_checkpointing
         swap = self._musubi_block_swap
         swapping = swap is not None and swap.activate(self.blocks, device, grad)
+        if swapping:
+            self._place_swapped_trainables(device)
         for index, block in enumerate(self.blocks):
             streamed = swapping and swap.is_managed_block(index)
             if streamed:
