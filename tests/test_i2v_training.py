@@ -1,8 +1,11 @@
-"""End to end with the real host: `simpletuner train` on the tiny checkpoint and an edit-style paired dataset.
+"""End to end with the real host: `simpletuner train` on the demo's run, then what it shows.
 
-The start frames are not the clips' first frames (as with the seed's edit instructions): each is
-the colour negative of its clip's first frame, at twice the size. The run is recorded (see
-tests/fault_injection/sitecustomize.py) so validation's start image and latents can be checked.
+The module's one host run is `make demo`'s (``demo.prepare(learning=True)``): the tiny checkpoint,
+the edit-style learning dataset (each clip is the other colour than its start frame, so start
+frames are never the clips' first frames) and ``LEARNING_OVERRIDES``. The start-frame files are
+written at twice the clips' size so that resizing is on the path. The run is recorded (see
+tests/fault_injection/sitecustomize.py) so validation's start image and latents and every training
+batch can be checked; the LoRA it writes must pass the demo's learning check.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 RECORDER = Path(__file__).resolve().parent / "fault_injection"
-VAL_CLIP = "clip_100"  # the validation split's one clip (tiny.build_tiny_dataset)
+VAL_CLIP = "clip_100"  # the validation split's one clip (tiny.build_learning_dataset)
+STEPS = demo.LEARNING_OVERRIDES["max_train_steps"]
 
 
 def first_frame(clip: Path) -> np.ndarray:
@@ -35,20 +39,19 @@ def first_frame(clip: Path) -> np.ndarray:
         return next(container.decode(video=0)).to_ndarray(format="rgb24")
 
 
-def make_edit_style(workdir: Path) -> None:
-    """Each start frame becomes the negative of its clip's first frame, 128x128 (its clip is 64x64)."""
+def enlarge_start_frames(workdir: Path) -> None:
+    """Each start-frame file at 128x128 (its clip is 64x64): the host and validation resize it."""
     root = workdir / "datasets" / "longcat-video"
     for split in ("train", "val"):
         for start in (root / split / "start_frames").glob("*.png"):
-            frame = first_frame(root / split / "clips" / f"{start.stem}.mp4")
-            Image.fromarray(255 - frame).resize((128, 128), Image.Resampling.NEAREST).save(start)
+            Image.open(start).resize((128, 128), Image.Resampling.NEAREST).save(start)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("i2v-train")
-    demo.prepare(workdir)
-    make_edit_style(workdir)
+    demo.prepare(workdir, learning=True)
+    enlarge_start_frames(workdir)
     record = workdir / "record"
     record.mkdir()
     command, env = demo.host_command(workdir)
@@ -84,9 +87,9 @@ def assert_same_picture(actual: np.ndarray, expected: np.ndarray) -> None:
 def test_training_run_completes_with_finite_losses(trained):
     workdir, code, log, result = trained
     assert code == 0, log[-3000:]
-    assert len(result["losses"]) == demo.CONFIG_OVERRIDES["max_train_steps"]
+    assert len(result["losses"]) == STEPS
     assert all(math.isfinite(loss) and loss > 0 for loss in result["losses"])
-    assert "I2V pairing: 4 clips in 'longcat-video-train'" in log
+    assert "I2V pairing: 2 clips in 'longcat-video-train'" in log
     assert "flow_schedule_shift not set: using LongCat-Video's 12.0" in log
     assert json.loads((workdir / "output" / "simpletuner_config.json").read_text())["flow_schedule_shift"] == 12.0
 
@@ -94,7 +97,7 @@ def test_training_run_completes_with_finite_losses(trained):
 def test_validation_video_is_image_to_video_with_the_configured_frames(trained):
     workdir, code, log, result = trained
     assert code == 0
-    final = [name for name in result["videos"] if name.startswith(f"step_{demo.CONFIG_OVERRIDES['max_train_steps']}_")]
+    final = [name for name in result["videos"] if name.startswith(f"step_{STEPS}_")]
     assert final and all("longcat-video-val" in name for name in final), result["videos"]
     assert all(result["videos"][name] == demo.TINY_FRAMES for name in final)
     sampling = [line for line in log.splitlines() if "LongCat-Video sampling:" in line]
@@ -120,6 +123,15 @@ def test_lora_weights_reload_and_change_the_pipeline_output(trained):
     pipe.load_lora_weights(str(result["lora"]))
     tuned = pipe(generator=torch.Generator().manual_seed(0), show_progress=False, **kwargs).frames
     assert (tuned - base).abs().max() > 1e-4
+
+
+def test_the_lora_the_host_trained_learns_its_clips(trained):
+    # The demo's own check: each training pair sampled image-to-video from its start frame and
+    # caption with load_pipeline + the LoRA file the run wrote, compared with the clip's latents.
+    workdir, code, _, result = trained
+    assert code == 0 and result["lora"] is not None
+    check = demo.check_learning(workdir, result["lora"])
+    assert check.passed and check.every_pair_passed, check.table()
 
 
 def test_text_to_video_dataset_still_trains(tmp_path):
@@ -212,7 +224,7 @@ def test_training_latent_frame_0_is_the_paired_start_frame_latent(trained):
     names = sorted(path.stem for path in (workdir / "datasets" / "longcat-video" / "train" / "clips").glob("*.mp4"))
     start_frames = {name: cached_latent(cache / "start_frames", name)[:, :1] for name in names}
     batches = sorted((workdir / "record").glob("batch_*.pt"))
-    assert len(batches) == demo.CONFIG_OVERRIDES["max_train_steps"]
+    assert len(batches) == STEPS
     for path in batches:
         batch = torch.load(path, weights_only=False)
         (clip,) = batch["files"]

@@ -1,0 +1,110 @@
+"""The host's training step in this process: how the mutation tests of tests/test_learning.py train.
+
+A host run costs half a minute of start-up before its first step; six of them (one per mutation
+and a control) would not fit the suite's budget. This loop runs the same per-step code the host's
+trainer runs, in the test process, on the demo's checkpoint, data and config: the host's
+``ModelFoundation.prepare_batch`` (noise, sigma sampling with the config's shift, noisy latents,
+then our ``prepare_batch_conditions``), our ``model_predict``, the host's ``loss`` with our
+``get_prediction_target``; the LoRA is the one the host adds (peft, the config's rank, alpha and
+dropout, the DiT's target modules), AdamW with the host's ``adamw_bf16`` defaults, the config's
+gradient clipping. What it leaves out is the trainer's bookkeeping (data loaders, caches,
+checkpoints, logging), which the demo's host run in test_i2v_training.py covers. A mutation
+patches ``simpletuner_longcat_video.family``, the module the host calls, in the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from simpletuner_longcat_video.learning import LearningCheck, Pair, clip_latents, latent_errors, read_clip
+
+
+def host_config(config_path: Path):
+    """``config.json`` parsed by the host's own argument parser, with what its trainer adds before step 1."""
+    from simpletuner.helpers.configuration.cmd_args import get_argument_parser
+
+    from simpletuner_longcat_video.family import apply_flow_shift_default
+
+    config = json.loads(Path(config_path).read_text())
+    args = [f"--{key}={value}" for key, value in config.items() if not isinstance(value, bool)]
+    args += [f"--{key}" for key, value in config.items() if value is True]
+    parsed, unknown = get_argument_parser().parse_known_args(args)
+    assert not unknown, unknown
+    apply_flow_shift_default(parsed)
+    parsed.weight_dtype = torch.float32  # mixed_precision "no"
+    parsed.flow_matching = True  # the trainer's value for a flow-matching family
+    return parsed
+
+
+def _batches(pipe, pairs: list[Pair]) -> list[dict]:
+    """What the host's collate hands ``prepare_batch`` for each pair (batch size 1)."""
+    from PIL import Image
+
+    batches = []
+    for pair in pairs:
+        frames = read_clip(pair.clip)
+        width, height = frames[0].size
+        start = Image.open(pair.start_frame).convert("RGB")
+        states, mask = pipe.encode_prompt(pair.caption, torch.device("cpu"))
+        batches.append(
+            {
+                "latent_batch": clip_latents(pipe, frames, height, width),
+                "conditioning_latents": clip_latents(pipe, [start], height, width),
+                "prompt_embeds": states,
+                "encoder_attention_mask": mask,
+            }
+        )
+    return batches
+
+
+def train_and_check(checkpoint: Path, config_path: Path, pairs: list[Pair], steps: int | None = None) -> LearningCheck:
+    """Train a LoRA on ``pairs`` with the host's step code, then the learning check on the same pairs."""
+    from peft import LoraConfig
+
+    from simpletuner_longcat_video.family import LongCatVideo
+    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES
+
+    config = host_config(config_path)
+    pipe = load_pipeline(str(checkpoint))
+    before = latent_errors(pipe, pairs)
+    with torch.no_grad():
+        batches = _batches(pipe, pairs)
+
+    model = pipe.transformer
+    model.requires_grad_(False)
+    torch.manual_seed(config.seed)
+    model.add_adapter(
+        LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha or config.lora_rank,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=True,
+            target_modules=list(LORA_TARGET_MODULES),
+        )
+    )
+    family = LongCatVideo.__new__(LongCatVideo)
+    family.config = config
+    family.accelerator = SimpleNamespace(device=torch.device("cpu"))
+    family.model = model
+    family.noise_schedule = pipe.scheduler
+    family.diffusion_blocks_controller = None
+
+    params = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-6)
+    model.train()
+    for step in range(steps or config.max_train_steps):
+        raw = {key: value.clone() for key, value in batches[step % len(batches)].items()}
+        prepared = family.prepare_batch(raw, state={"global_step": step})
+        loss = family.loss(prepared, family.model_predict(prepared))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+    model.eval()
+    after = latent_errors(pipe, pairs)
+    return LearningCheck(names=tuple(pair.clip.stem for pair in pairs), before=tuple(before), after=tuple(after))
