@@ -10,11 +10,12 @@ RUN = tools/in_env.sh
 demo: install
 	$(RUN) python examples/demo.py
 
+# Every core: the tests of one file stay on one worker (their module fixtures run once).
 test: install browser
-	$(RUN) pytest -q
+	$(RUN) pytest -q -n auto --dist loadfile
 
 test-fast: install
-	$(RUN) pytest -q -m "not slow"
+	$(RUN) pytest -q -n auto --dist loadfile -m "not slow"
 
 lint: env
 	$(RUN) ruff check src kernels tests benchmarks examples
