@@ -50,3 +50,14 @@ def test_a_broken_training_batch_fails_the_learning_check(prepared, control, mon
     assert check.before == control.before  # same untrained model, same samples
     assert not check.passed, f"{mutation} was not caught:\n{check.table()}"
     assert check.error_after > 2 * control.error_after, check.table()
+
+
+def test_the_condition_frame_left_in_the_loss_is_caught_by_the_loss_test(monkeypatch):
+    # The learning check cannot see this one (docs/faults.md says why: the extra term is noise the
+    # LoRA cannot fit, and the generated frames are learnt as well); the host-loss test does.
+    from test_training_batch import test_host_loss_ignores_the_condition_frame_and_scores_the_others as loss_test
+
+    loss_test()  # unbroken: passes
+    learning_mutations.apply("condition_frame_in_loss", family, monkeypatch.setattr)
+    with pytest.raises(AssertionError):
+        loss_test()
