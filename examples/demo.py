@@ -46,9 +46,9 @@ CONFIG_OVERRIDES = {
 # clips. Dropout is off (nothing to regularise on two clips, and it would only slow a CPU run down).
 LEARNING_OVERRIDES = {
     **CONFIG_OVERRIDES,
-    "max_train_steps": 200,
-    "checkpoint_step_interval": 200,
-    "validation_steps": 200,
+    "max_train_steps": 120,
+    "checkpoint_step_interval": 120,
+    "validation_steps": 120,
     "learning_rate": 3e-3,
     "lora_dropout": 0.0,
     "caption_dropout_probability": 0.0,

@@ -203,8 +203,8 @@ def test_the_log_says_what_the_host_does_to_the_clips(users_run):
     assert "100x72 -> 96x64 (1 clip): squashed, aspect 1.39 -> 1.50 (crop is off" in line
     assert "Frames: the first 9 of 9 to 12 (video.num_frames" in line
     assert "clips at 8, 12 fps, framerate 8: frames are used as they are, not resampled" in line
-    # What the line says is what was cached: the odd clip's latent is the 64x64 bucket, 9 frames.
+    # What the line says is what was cached: the odd clip's latent is the 96x64 bucket, 9 frames.
     cache = workdir / "cache/vae/longcat-video/train/clips" / (sha256(ODD.encode()).hexdigest() + ".pt")
     entry = torch.load(io.BytesIO(gzip.decompress(cache.read_bytes())))  # the host gzips its cache files
     latents = entry["latents"] if isinstance(entry, dict) else entry
-    assert tuple(latents.shape[-3:]) == ((9 - 1) // 4 + 1, 64 // 8, 64 // 8)
+    assert tuple(latents.shape[-3:]) == ((9 - 1) // 4 + 1, 64 // 8, 96 // 8)

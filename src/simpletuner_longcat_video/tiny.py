@@ -48,7 +48,7 @@ class TinySizes:
     depth: int = 2
     heads: int = 4
     text_dim: int = TEXT_DIM
-    vae_base_dim: int = 32
+    vae_base_dim: int = 8
 
 
 def _tokenizer(folder: Path) -> None:
