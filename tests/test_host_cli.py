@@ -45,12 +45,11 @@ def test_train_help_lists_the_plugin_keys(tmp_path):
     result = _simpletuner("train", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage: simpletuner train" in result.stdout
-    # Read back from the host's field registry in that process: flag, choices and default of each key.
+    # Flag, choices and default of each key (that the trainer accepts them: the host runs below).
     listed = result.stdout.split("config keys of the LongCat-Video plugin", 1)[1]
     for option in spec.CONFIG_OPTIONS:
         choices = " {" + ",".join(option.choices) + "}" if option.choices else ""
         assert f"  --{option.name}{choices}  (default: {option.default})\n" in listed, option.name
-    assert "not registered" not in listed
 
 
 def _write_config(root: Path, **overrides: object) -> None:
