@@ -84,8 +84,31 @@ def test_host_parser_carries_plugin_keys():
     )
     assert unknown == [] and args.attention_implementation == "xformers" and args.longcat_bsa_chunk == "4,4,8"
     assert args.longcat_bsa_sparsity == 0.875 and args.longcat_bsa_cdf_threshold is None
+    assert args.longcat_compile_blocks == "false" and type(args.flow_schedule_shift) is plugin.HostDefault
+    numbers, _ = parser.parse_known_args([*required, "--longcat_bsa_cdf_threshold=0.9", "--longcat_bsa_sparsity=0.5"])
+    assert (numbers.longcat_bsa_cdf_threshold, numbers.longcat_bsa_sparsity) == (0.9, 0.5)
     with pytest.raises((SystemExit, argparse.ArgumentError)):
         parser.parse_args([*required, "--attention_implementation=flash"])
-    before = len(parser._actions)
-    plugin.add_plugin_arguments(parser)  # idempotent
-    assert len(parser._actions) == before
+    with pytest.raises((SystemExit, argparse.ArgumentError)):
+        parser.parse_args([*required, "--longcat_compile_blocks=yes"])
+
+
+def test_plugin_keys_are_fields_of_the_host_registry():
+    # The one source of the host's parser and its WebUI forms; shown for this family only.
+    from simpletuner.simpletuner_sdk.server.services.field_registry import field_registry
+
+    from simpletuner_longcat_video.fields import register_fields
+
+    for option in spec.CONFIG_OPTIONS:
+        field = field_registry.get_field(option.name)
+        assert field.default_value == option.default and field.help_text == f"[plugin] {option.help}"
+        assert [choice["value"] for choice in field.choices or []] == list(option.choices or [])
+
+    def shown(family: str, tab: str) -> set[str]:
+        return {field.name for field in field_registry.get_fields_for_tab(tab, {"model_family": family})}
+
+    names = {option.name for option in spec.CONFIG_OPTIONS}
+    assert shown("longcat_video", "validation") & names == {"longcat_validation_distill_lora"}
+    assert shown("longcat_video", "model") & names == names - {"longcat_validation_distill_lora"}
+    assert not names & (shown("wan", "model") | shown("wan", "validation"))
+    assert register_fields(field_registry) == []  # a second call adds nothing

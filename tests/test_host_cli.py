@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import host_environ
 
+from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.hostserver import host_server
 
 pytestmark = pytest.mark.slow
@@ -39,11 +40,16 @@ def _simpletuner(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Comp
     return subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_help_runs(tmp_path):
+def test_train_help_lists_the_plugin_keys(tmp_path):
     # Not the checkout: the host writes a debug.log into its working directory.
     result = _simpletuner("train", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage: simpletuner train" in result.stdout
+    # Flag, choices and default of each key (that the trainer accepts them: the host runs below).
+    listed = result.stdout.split("config keys of the LongCat-Video plugin", 1)[1]
+    for option in spec.CONFIG_OPTIONS:
+        choices = " {" + ",".join(option.choices) + "}" if option.choices else ""
+        assert f"  --{option.name}{choices}  (default: {option.default})\n" in listed, option.name
 
 
 def _write_config(root: Path, **overrides: object) -> None:

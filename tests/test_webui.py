@@ -28,6 +28,7 @@ import pytest
 from browser import chromium_page, missing_setup
 from conftest import host_environ, load_demo
 
+from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.hostserver import host_server
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,8 @@ ENVIRONMENT = "longcat-edit"
 PROMPT = "the red square slides to the right"
 PREVIEW_FOLDER = "previews"
 TRAINING_TIMEOUT = 420
+# The plugin's keys set in the UI (both differ from their defaults, so a saved value came from the UI).
+UI_KEYS = {"attention_implementation": "sdpa", "longcat_bsa_sparsity": 0.5}
 
 
 demo = load_demo()
@@ -122,12 +125,16 @@ def _dataset_card(page, dataset_id: str):
 
 def _read_datasets(page, expect) -> dict:
     _open_tab(page, "Dataset")
-    dismiss = page.get_by_role("button", name="Dismiss")
-    if dismiss.count() and dismiss.first.is_visible():
-        dismiss.first.click()
     clips = _dataset_card(page, "longcat-video-train")
+    video = clips.get_by_role("button", name="Video", exact=True).first
+    # The tab's intro card may cover the list, and may show only after the tab has loaded; other
+    # tabs' dismissed hints leave hidden "Dismiss" buttons in the page.
+    dismiss = page.get_by_role("button", name="Dismiss").locator("visible=true").first
+    expect(video.or_(dismiss)).to_be_visible(timeout=60_000)
+    if dismiss.is_visible():
+        dismiss.click()
     expect(clips).to_have_count(1, timeout=60_000)
-    clips.get_by_role("button", name="Video", exact=True).first.click()
+    video.click()
     i2v = page.locator("#video-i2v-longcat-video-train").first
     expect(i2v).to_be_visible()
     seen = {"clips_is_i2v": i2v.is_checked()}
@@ -155,7 +162,7 @@ def _upload_start_frame(page, expect, start_frame: Path, datasets: Path) -> Path
     page.get_by_placeholder("Enter folder name").fill(PREVIEW_FOLDER)
     page.get_by_title("Create folder").click()
     folder = page.locator(".list-group-item").filter(has_text=PREVIEW_FOLDER).first
-    expect(folder).to_be_visible()
+    expect(folder).to_be_visible(timeout=60_000)  # the listing reloads from the server (slow under load)
     folder.dblclick()
     page.locator('button.btn-outline-primary[aria-label="Upload files"]').click()  # the folder browser's
     upload = page.locator(".upload-modal-backdrop")
@@ -180,6 +187,21 @@ def _blank_selects(config: dict) -> list[str]:
     )
 
 
+def _set_plugin_keys(page, expect) -> dict:
+    """The plugin's keys in the Model tab's model-specific section, set as a user sets them."""
+    page.get_by_role("button", name="Switch to Full Form").locator("visible=true").first.click()
+    section = page.locator("#content-model_specific")
+    attention = section.locator('select[name="attention_implementation"]')
+    expect(attention).to_be_visible(timeout=60_000)
+    seen = {"attention_options": attention.locator("option").evaluate_all("options => options.map(o => o.value)")}
+    attention.select_option("sdpa")
+    sparsity = section.locator('input[name="longcat_bsa_sparsity"]')
+    seen["sparsity_shown"] = sparsity.input_value()
+    sparsity.fill(str(UI_KEYS["longcat_bsa_sparsity"]))
+    section.locator('[data-field-name="attention_implementation"]').scroll_into_view_if_needed()
+    return seen
+
+
 def _drive_ui(page, expect, server, log, seen: dict, folders: dict, start_frame: Path, shots: Path) -> None:
     """Everything done in the browser, recording what the UI showed into ``seen``."""
     configs, datasets = folders["configs"], folders["datasets"]
@@ -201,6 +223,7 @@ def _drive_ui(page, expect, server, log, seen: dict, folders: dict, start_frame:
     expect(family).to_have_value("longcat_video", timeout=60_000)
     seen["family_label"] = _selected_text(family)
     seen["flavour_label"] = _selected_text(page.locator('select[x-model="model_flavour"]').first)
+    seen.update(_set_plugin_keys(page, expect))
     page.screenshot(path=str(shots / "model.png"))
 
     seen.update(_read_datasets(page, expect))
@@ -307,6 +330,19 @@ def test_start_frame_upload_and_prompt_are_saved(webui_flow):
     assert saved["validation_prompt"] == PROMPT
     assert saved["model_family"] == "longcat_video" and saved["model_flavour"] == "final"
     assert webui_flow["full_form_prompt"] == PROMPT
+
+
+def test_plugin_keys_set_in_the_ui_are_saved(webui_flow):
+    # The keys reach the form through the host's field registry (fields.register_fields).
+    # The host puts an empty "-- Select --" first in every select that is not required.
+    assert webui_flow["attention_options"] == ["", *spec.ATTENTION_IMPLEMENTATIONS]
+    assert float(webui_flow["sparsity_shown"]) == 0.875
+    saved = webui_flow["saved_config"]
+    assert saved["attention_implementation"] == UI_KEYS["attention_implementation"]
+    assert float(saved["longcat_bsa_sparsity"]) == UI_KEYS["longcat_bsa_sparsity"]
+    # ... and the trainer run from that saved file builds the DiT with them.
+    result = webui_flow["train"]
+    assert "LongCat-Video attention: sdpa (block-sparse sparsity 0.5," in result.stdout + result.stderr
 
 
 def test_run_queues_for_a_gpu_on_a_machine_without_one(webui_flow):

@@ -1,9 +1,10 @@
 """Interpreter-start hook, executed by ``simpletuner_longcat_video.pth`` in every process.
 
-It installs one meta-path finder that waits for four host modules: right after the model
+It installs one meta-path finder that waits for six host modules: right after the model
 registry (``simpletuner.helpers.models.registry``) has executed, the plugin's entry points are
-registered into it; right after the argument module (``simpletuner.helpers.configuration.cmd_args``)
-has executed, the plugin's config options are added to the host's parser; right after the batch
+registered into it; right after the host's field registry
+(``simpletuner.simpletuner_sdk.server.services.field_registry.registry``, the source of both its CLI
+parser and its WebUI forms) has executed, the plugin's config keys are registered there; right after the batch
 collation module (``simpletuner.helpers.training.collate``) has executed, the LongCat-Video
 family's cached latents are checked on their way into a batch and, on a machine without an
 accelerator, collation stops pinning memory (SimpleTuner 4.10.1 pins cached latents
@@ -13,7 +14,7 @@ backend config before any dataset is configured; right after the validation modu
 (``simpletuner.helpers.training.validation``) has executed, LongCat-Video's validation from the
 eval split starts from the paired start frames and its video files are named for what they hold;
 right after the CLI package (``simpletuner.cli``) has executed, ``simpletuner train`` gains the
-``--config PATH.json`` option. Until then nothing but ``sys`` is touched, so
+``--config PATH.json`` option and its ``--help`` lists the plugin's config keys. Until then nothing but ``sys`` is touched, so
 a Python process that never imports SimpleTuner pays only for reading this file (the startup
 benchmark in ``benchmarks/startup.py`` measures it). Set ``SIMPLETUNER_PLUGINS_DISABLE=1`` to
 skip the hook entirely.
@@ -26,7 +27,7 @@ REGISTRY_MODULE = "simpletuner.helpers.models.registry"
 # host module -> function of simpletuner_longcat_video.plugin called with it once it has executed
 HOOKS = {
     REGISTRY_MODULE: "register_entry_points",
-    "simpletuner.helpers.configuration.cmd_args": "extend_host_arguments",
+    "simpletuner.simpletuner_sdk.server.services.field_registry.registry": "extend_host_fields",
     "simpletuner.helpers.training.collate": "extend_host_collate",
     "simpletuner.helpers.data_backend.factory": "extend_host_data_config",
     "simpletuner.helpers.training.validation": "extend_host_validation",

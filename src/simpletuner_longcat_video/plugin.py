@@ -283,45 +283,28 @@ class HostDefault(float):
     """
 
 
-def add_plugin_arguments(parser: Any) -> None:
-    """Add the plugin's config keys (spec.CONFIG_OPTIONS) to an argparse parser, once.
+def extend_host_fields(registry_module: Any) -> None:
+    """Everything the plugin adds to the host's field registry (its CLI parser and WebUI forms)."""
+    from simpletuner_longcat_video.fields import register_fields
 
-    Also marks the host's ``flow_schedule_shift`` default (3.0) as a :class:`HostDefault`, so the
-    LongCat-Video family can tell "not set" (use its own 12.0) from "set to 3.0 by the user".
+    registry = registry_module.field_registry
+    register_fields(registry)
+    mark_flow_shift_as_host_default(registry)
+
+
+def mark_flow_shift_as_host_default(registry: Any) -> None:
+    """SimpleTuner 4.10.1: let a family tell "flow_schedule_shift not set" from "set to the host's 3.0".
+
+    The host's ``flow_schedule_shift`` field has one default (3.0) for every family and the parsed
+    config cannot say whether the user wrote it; LongCat-Video samples with 12.0 unless the user
+    set a shift (``family.apply_flow_shift_default``). The field's default becomes a
+    :class:`HostDefault` of the same value, which every other family, the parser and the WebUI
+    read as that float.
     """
-    from simpletuner_longcat_video.spec import CONFIG_OPTIONS
-
-    shift = parser.get_default("flow_schedule_shift")
+    field = registry.get_field("flow_schedule_shift")
+    shift = getattr(field, "default_value", None)
     if isinstance(shift, (int, float)) and not isinstance(shift, (bool, HostDefault)):
-        parser.set_defaults(flow_schedule_shift=HostDefault(shift))
-
-    for option in CONFIG_OPTIONS:
-        flag = f"--{option.name}"
-        if flag in parser._option_string_actions:
-            continue
-        parser.add_argument(
-            flag, type=option.type, default=option.default, choices=option.choices, help=f"[plugin] {option.help}"
-        )
-
-
-def extend_host_arguments(cmd_args: Any) -> None:
-    """Make the host's cached argument parser carry the plugin's config keys.
-
-    The host turns every config.json key into ``--key=value`` and refuses unknown ones, so keys
-    like ``attention_implementation`` must exist in its parser. The host builds the parser in
-    ``get_argument_parser()``; the wrapped function adds ours to what it returns.
-    """
-    original = cmd_args.get_argument_parser
-    if getattr(original, "_plugin_wrapped", False):
-        return
-
-    def get_argument_parser() -> Any:
-        parser = original()
-        add_plugin_arguments(parser)
-        return parser
-
-    get_argument_parser._plugin_wrapped = True  # type: ignore[attr-defined]
-    cmd_args.get_argument_parser = get_argument_parser
+        field.default_value = HostDefault(shift)
 
 
 def extend_host_data_config(factory: Any) -> None:
@@ -548,9 +531,41 @@ def add_train_config_option(cli: Any) -> None:
             return host_command(args)
 
         train.set_defaults(func=cmd_train)
+        list_plugin_keys_in_train_help(train)
 
     _add_train_parser._plugin_wrapped = True  # type: ignore[attr-defined]
     cli._add_train_parser = _add_train_parser
+
+
+def list_plugin_keys_in_train_help(train: Any) -> None:
+    """``simpletuner train --help`` ends with the plugin's config keys (``spec.CONFIG_OPTIONS``).
+
+    SimpleTuner 4.10.1's ``train --help`` names only ``--example``/``--env`` (the config keys live in
+    the trainer's own parser), so nothing tells a user which keys the plugin adds. Called with the
+    ``train`` parser by :func:`add_train_config_option`'s wrapper. The list is written from the
+    entries ``fields.register_fields`` registers, not read back from the host's field registry:
+    importing the registry makes ``--help`` take about 24 s instead of 5 s (measured here).
+    """
+    host_format_help = train.format_help
+
+    def format_help() -> str:
+        return host_format_help() + plugin_keys_help()
+
+    train.format_help = format_help
+
+
+def plugin_keys_help() -> str:
+    """The plugin's keys for a help text: flag, choices, default, meaning."""
+    import textwrap
+
+    from simpletuner_longcat_video.spec import CONFIG_OPTIONS
+
+    lines = ["", "config keys of the LongCat-Video plugin (in config.json, or --key=value after train):"]
+    for option in CONFIG_OPTIONS:
+        choices = " {" + ",".join(option.choices) + "}" if option.choices else ""
+        lines.append(f"  --{option.name}{choices}  (default: {option.default})")
+        lines.extend(textwrap.wrap(option.help, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines) + "\n"
 
 
 def _option_strings(actions: Any) -> set[str]:

@@ -98,13 +98,19 @@ def host_requirement() -> str | None:
 
 @dataclass(frozen=True)
 class ConfigOption:
-    """A config key the plugin adds to the host's parser (the host refuses keys it does not know)."""
+    """A config key the plugin adds to the host (its CLI parser refuses keys it does not know).
+
+    ``label`` and ``tab`` place the key in the host's WebUI: the tab's "model-specific" or
+    "validation options" section, shown for this family only (``fields.register_fields``).
+    """
 
     name: str
     type: type
     default: object
     help: str
     choices: tuple[str, ...] | None = None
+    label: str = ""
+    tab: str = "model"
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "xformers", "block_sparse")
@@ -116,18 +122,24 @@ CONFIG_OPTIONS = (
         "LongCat-Video self-attention: auto (block-sparse Triton kernel on CUDA when it compiles and the clip has "
         "more than one latent frame, else SDPA), sdpa, xformers (forces xFormers) or block_sparse",
         ATTENTION_IMPLEMENTATIONS,
+        label="LongCat-Video Attention",
+        tab="model",
     ),
     ConfigOption(
         "longcat_bsa_sparsity",
         float,
         0.875,
         "LongCat-Video block-sparse attention: fraction of key blocks dropped per query block, in [0, 1)",
+        label="LongCat-Video Block-Sparse Sparsity",
+        tab="model",
     ),
     ConfigOption(
         "longcat_bsa_chunk",
         str,
         "4,4,8",
         "LongCat-Video block-sparse attention: token chunk T,H,W (volume a power of two from 16 to 256)",
+        label="LongCat-Video Block-Sparse Chunk (T,H,W)",
+        tab="model",
     ),
     ConfigOption(
         "longcat_bsa_cdf_threshold",
@@ -135,6 +147,8 @@ CONFIG_OPTIONS = (
         None,
         "LongCat-Video block-sparse attention: also keep the smallest set of key blocks whose softmax mass "
         "reaches this value, in (0, 1]; unset = top-k by sparsity only",
+        label="LongCat-Video Block-Sparse CDF Threshold",
+        tab="model",
     ),
     ConfigOption(
         "longcat_compile_blocks",
@@ -144,6 +158,8 @@ CONFIG_OPTIONS = (
         "measured 18.08 -> 13.94 s per 480x832x93 LoRA step on an H100 (docs/memory.md); the first step "
         "pays the compile time",
         ("true", "false"),
+        label="LongCat-Video Compile DiT Blocks",
+        tab="model",
     ),
     ConfigOption(
         "longcat_validation_distill_lora",
@@ -152,5 +168,7 @@ CONFIG_OPTIONS = (
         "LongCat-Video validation previews: path of the official distillation LoRA "
         f"(<checkpoint>/{DISTILL_LORA_FILE}); when set, previews apply it on top of the trained LoRA and "
         f"sample with {DISTILL_STEPS} steps and guidance {DISTILL_GUIDANCE} (training weights are untouched)",
+        label="LongCat-Video Preview Distillation LoRA",
+        tab="validation",
     ),
 )
