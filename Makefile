@@ -12,7 +12,7 @@ demo: install
 
 # Every core: the tests of one file stay on one worker (their module fixtures run once).
 test: install browser
-	$(RUN) pytest -q -n auto --dist loadfile
+	$(RUN) pytest -q -n auto --dist loadfile --durations=25
 
 test-fast: install
 	$(RUN) pytest -q -n auto --dist loadfile -m "not slow"

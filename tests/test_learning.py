@@ -37,6 +37,7 @@ def control(prepared):
 
 
 def test_the_unbroken_training_step_learns_both_clips(control):
+    print(control.table())  # shown by `pytest -rP`: the figures of docs/faults.md
     assert control.passed and control.every_pair_passed, control.table()
 
 
@@ -47,6 +48,7 @@ def test_the_unbroken_training_step_learns_both_clips(control):
 def test_a_broken_training_batch_fails_the_learning_check(prepared, control, monkeypatch, mutation):
     learning_mutations.apply(mutation, family, monkeypatch.setattr)
     check = train_and_check(*prepared)
+    print(f"{mutation}:\n{check.table()}")
     assert check.before == control.before  # same untrained model, same samples
     assert not check.passed, f"{mutation} was not caught:\n{check.table()}"
     assert check.error_after > 2 * control.error_after, check.table()
