@@ -119,6 +119,13 @@ RECIPES = {
     # The 40-step 832x480x93 validation video alone: the host's base-model benchmark renders it
     # before step 1 (the main run's checkpoint config, one step after it).
     "validation": {"disable_benchmark": False, "validation_disable": False, "validation_steps": 1000},
+    # The same with the distillation LoRA as the quickstart offers it: a 16-step, guidance-1 preview.
+    "preview": {
+        "disable_benchmark": False,
+        "validation_disable": False,
+        "validation_steps": 1000,
+        "longcat_validation_distill_lora": "{checkpoint}/lora/cfg_step_lora.safetensors",
+    },
 }
 RECIPE_STEPS = 3
 
@@ -152,7 +159,7 @@ def build_full_checkpoint(root: Path) -> Path:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from simpletuner_longcat_video import spec
-    from simpletuner_longcat_video.tiny import _tokenizer
+    from simpletuner_longcat_video.tiny import _tokenizer, build_tiny_distill_lora
     from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,6 +191,10 @@ def build_full_checkpoint(root: Path) -> Path:
         root / spec.SCHEDULER_SUBFOLDER
     )
     timings["vae_scheduler_s"] = time.monotonic() - start
+    start = time.monotonic()
+    # lora/cfg_step_lora.safetensors in the official layout (random, rank 32): the preview recipe
+    build_tiny_distill_lora(root, rank=32, std=0.01)
+    timings["distill_lora_s"] = time.monotonic() - start
     sizes = {
         folder: round(sum(f.stat().st_size for f in (root / folder).rglob("*") if f.is_file()) / 2**30, 2)
         for folder in (spec.DIT_SUBFOLDER, spec.TEXT_ENCODER_SUBFOLDER, spec.VAE_SUBFOLDER)
@@ -411,6 +422,21 @@ def phases(events: list[dict], sampler: GpuSampler, run_start: float, run_end: f
     # The host's base-model benchmark: the same validation, rendered before step 1.
     span("benchmark_validation", [p for p in samplings if not steps or p[0]["t"] < steps[0]["t"]])
     span("vae_decode", _pairs(events, "vae_decode"))
+    # One denoising step of a validation video (a CFG batch is one DiT call): the median DiT call
+    # inside a sampling, counted also for a sampling the run's time limit cut short.
+    windows = []
+    for event in events:
+        if event["event"] == "sampling_start":
+            windows.append([event["t"], float("inf")])
+        elif event["event"] == "sampling_end" and windows:
+            windows[-1][1] = event["t"]
+    sampling_calls = [
+        e["t"] - s["t"] for s, e in _pairs(events, "dit_forward") if any(a <= s["t"] <= b for a, b in windows)
+    ]
+    if sampling_calls:
+        out["sampling_dit_calls"] = len(sampling_calls)
+        out["sampling_step_s"] = round(statistics.median(sampling_calls), 2)
+        out["sampling_first_step_s"] = round(sampling_calls[0], 2)
     loads = _pairs(events, "resume_load")
     span("resume_load", loads)
     lora_saves = [p for p in _pairs(events, "lora_save") if not any(s["t"] <= p[0]["t"] <= e["t"] for s, e in saves)]
@@ -474,11 +500,17 @@ def recipe_workdir(root: Path, recipe: str) -> Path:
 def recipe_changes(recipe: str, work: Path, tiny: bool) -> dict:
     changes = dict(
         output_dir=str(work / "output"),
-        max_train_steps=1 if recipe == "validation" else RECIPE_STEPS,
+        max_train_steps=1 if recipe in ("validation", "preview") else RECIPE_STEPS,
         validation_disable=True,
         checkpoint_step_interval=1000,
     )
-    changes.update(RECIPES[recipe])
+    checkpoint = work.parent / "LongCat-Video"
+    changes.update(
+        {
+            key: value.format(checkpoint=checkpoint) if isinstance(value, str) else value
+            for key, value in RECIPES[recipe].items()
+        }
+    )
     if tiny:
         changes.pop("musubi_blocks_to_swap", None)  # block swap streams onto a GPU: refused on a CPU
     return changes
@@ -555,6 +587,7 @@ COLUMNS = (
     ("checkpoint_save_busy_s", "checkpoint saves s"),
     ("validation_s", "validation s"),
     ("benchmark_validation_s", "validation before step 1 s"),
+    ("sampling_step_s", "sampling step s"),
     ("vae_decode_busy_s", "VAE decode s"),
     ("final_lora_save_s", "LoRA save s"),
     ("resume_load_s", "resume load s"),
@@ -608,9 +641,10 @@ def main() -> int:
         if not (checkpoint / "BUILD.json").exists():  # written last: a half-built checkpoint is rebuilt
             shutil.rmtree(checkpoint, ignore_errors=True)
             if args.tiny:
-                from simpletuner_longcat_video.tiny import build_tiny_checkpoint
+                from simpletuner_longcat_video.tiny import build_tiny_checkpoint, build_tiny_distill_lora
 
                 build_tiny_checkpoint(checkpoint)
+                build_tiny_distill_lora(checkpoint)
                 (checkpoint / "BUILD.json").write_text("{}")
             else:
                 build_full_checkpoint(checkpoint)

@@ -2,10 +2,12 @@
 
 ``ModelMixin.enable_group_offload`` keeps each group of blocks in CPU memory and copies it onto the
 GPU for its forward (optionally prefetching on a CUDA stream). It is built for inference. This
-probe trains a LoRA step on a small LongCat-Video DiT with and without it, with and without
-gradient checkpointing, and compares the LoRA gradients with the plain step's; for sampling it
-compares one no-grad forward. Prints one line per case: ok with the largest gradient difference
-and peak memory, or the error raised.
+probe trains two LoRA steps (AdamW) on a small LongCat-Video DiT with and without it, with and
+without gradient checkpointing, and compares the first step's LoRA gradients and the LoRA weights
+after the second step with the plain run's, and where the LoRA weights and optimizer state ended
+up; for sampling it compares one no-grad forward. Our block swap (``musubi_blocks_to_swap``) runs
+the same cases for comparison. Prints one line per case: ok with the differences and peak memory,
+or the error raised.
 
     python benchmarks/group_offload_probe.py     # needs CUDA
 """
@@ -56,15 +58,39 @@ def inputs(device: torch.device):
     return latents, timesteps, text, mask
 
 
-def step(model, device, *, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def step(model, device, *, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """One forward (no grad), or two LoRA training steps with AdamW as the trainer runs them.
+
+    Returns the output, the first step's LoRA gradients, and after the second optimizer step the
+    LoRA weights and the devices they and their optimizer state ended on (group offload moves every
+    parameter of a group, the trainable ones included, back to the CPU after its forward).
+    """
     latents, timesteps, text, mask = inputs(device)
-    with torch.set_grad_enabled(train):
+    if not train:
+        with torch.no_grad():
+            return model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0].float(), {}, {}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    grads: dict[str, torch.Tensor] = {}
+    for iteration in range(2):
         out = model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0]
-        if not train:
-            return out.float(), {}
         out[:, :, 1:].float().pow(2).mean().backward()
-    grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.detach().float(), grads
+        if iteration == 0:
+            grads = {
+                n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    lora = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state_devices = {
+        str(v.device) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()
+    }
+    after = {
+        "lora": lora,
+        "lora_param_devices": sorted({str(p.device) for p in trainable}),
+        "optimizer_state_devices": sorted(state_devices),
+    }
+    return out.detach().float(), grads, after
 
 
 def case(name: str, *, checkpointing: bool, offload: str | None, train: bool, reference) -> dict:
@@ -73,7 +99,11 @@ def case(name: str, *, checkpointing: bool, offload: str | None, train: bool, re
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train(train)
-    if offload:
+    if offload == "block_swap":  # ours (musubi_blocks_to_swap), the comparison: 4 of 6 blocks in CPU memory
+        model.enable_block_swap(4, "cpu")
+        for index in model.swapped_blocks:
+            model.blocks[index].to("cpu")
+    elif offload:
         model.to("cpu")
         model.enable_group_offload(
             onload_device=device,
@@ -87,13 +117,16 @@ def case(name: str, *, checkpointing: bool, offload: str | None, train: bool, re
         torch.cuda.reset_peak_memory_stats()
     result: dict = {"case": name}
     try:
-        out, grads = step(model, device, train=train)
+        out, grads, after = step(model, device, train=train)
         result["ok"] = True
+        if after:
+            result["lora_param_devices"] = after["lora_param_devices"]
+            result["optimizer_state_devices"] = after["optimizer_state_devices"]
         if cuda:
             torch.cuda.synchronize()
             result["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if reference is not None:
-            ref_out, ref_grads = reference
+            ref_out, ref_grads, ref_after = reference
             result["max_out_diff"] = float((out - ref_out).abs().max())
             if train:
                 missing = sorted(set(ref_grads) - set(grads))
@@ -104,7 +137,11 @@ def case(name: str, *, checkpointing: bool, offload: str | None, train: bool, re
                 result["max_grad_diff"] = (
                     max(float((grads[n] - ref_grads[n]).abs().max()) for n in common) if common else None
                 )
-        result["_value"] = (out, grads)
+                # After two AdamW steps: do the LoRA weights match the plain run's?
+                result["max_lora_diff_after_2_steps"] = max(
+                    float((after["lora"][n] - ref_after["lora"][n]).abs().max()) for n in ref_after["lora"]
+                )
+        result["_value"] = (out, grads, after)
     except Exception as error:  # the point of the probe: report what breaks
         result["ok"] = False
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -124,7 +161,7 @@ def main() -> int:
         label = "train+ckpt" if train and checkpointing else ("train" if train else "sample")
         plain = case(f"{label} plain", checkpointing=checkpointing, offload=None, train=train, reference=None)
         rows.append(plain)
-        for offload in ("block_level", "leaf_level"):
+        for offload in ("block_level", "leaf_level", "block_swap"):
             rows.append(
                 case(
                     f"{label} {offload}",

@@ -23,7 +23,11 @@ TARGETS = {
         ("LongCatVideo.save_lora_weights", "lora_save"),
     ],
     "simpletuner_longcat_video.pipeline": [("LongCatVideoPipeline.__call__", "sampling")],
-    "simpletuner_longcat_video.transformer": [("LongCatVideoTransformer3DModel.from_pretrained", "dit_load")],
+    "simpletuner_longcat_video.transformer": [
+        ("LongCatVideoTransformer3DModel.from_pretrained", "dit_load"),
+        # one event pair per DiT call: the per-step sampling time, even from a run cut short
+        ("LongCatVideoTransformer3DModel.forward", "dit_forward"),
+    ],
     "accelerate.accelerator": [
         ("Accelerator.save_state", "checkpoint_save"),
         ("Accelerator.load_state", "resume_load"),
