@@ -71,8 +71,10 @@ case $part in
     4)
         install_part 4
         (cd /tmp && python3 -c "import simpletuner, simpletuner_longcat_video, diffusers, peft; print('host', simpletuner.__file__)")
+        rm -f $root/DONE
+        # quoted: a run spec holds ';' between groups
         (cd /tmp && setsid nohup bash -c "while [[ ! -f $root/LongCat-Video/BUILD.json ]]; do sleep 5; done; \
-            python3 $root/repo/benchmarks/full_size_run.py --stage ${LCV_RUNS:-runs} --root $root $tiny; touch $root/DONE" \
+            python3 $root/repo/benchmarks/full_size_run.py --stage '${LCV_RUNS:-runs}' --root $root $tiny; touch $root/DONE" \
             > $root/runs.log 2>&1 &)
         wait_for $root/DONE 540
         report
