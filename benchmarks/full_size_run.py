@@ -152,8 +152,8 @@ def build_full_checkpoint(root: Path) -> Path:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from simpletuner_longcat_video import spec
-    from simpletuner_longcat_video.tiny import _tokenizer
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.testing.tiny import _tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def build_dataset(root: Path, geometry: dict) -> dict[str, Path]:
     """Clips + captions, start frames as separate image files under the clips' names, one eval clip."""
     from PIL import Image
 
-    from simpletuner_longcat_video.tiny import synthetic_clip
+    from simpletuner_longcat_video.testing.tiny import synthetic_clip
 
     folders = {}
     for split, count, offset in (("train", geometry["clips"], 0), ("val", 1, 100)):
@@ -608,7 +608,7 @@ def main() -> int:
         if not (checkpoint / "BUILD.json").exists():  # written last: a half-built checkpoint is rebuilt
             shutil.rmtree(checkpoint, ignore_errors=True)
             if args.tiny:
-                from simpletuner_longcat_video.tiny import build_tiny_checkpoint
+                from simpletuner_longcat_video.testing.tiny import build_tiny_checkpoint
 
                 build_tiny_checkpoint(checkpoint)
                 (checkpoint / "BUILD.json").write_text("{}")

@@ -95,13 +95,13 @@ def python_subprocess():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny LongCat-Video checkpoint in the official folder layout (built once per session)."""
-    from simpletuner_longcat_video.tiny import build_tiny_checkpoint
+    from simpletuner_longcat_video.testing.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-longcat") / "LongCat-Video-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint: Path):
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     return load_pipeline(str(tiny_checkpoint))

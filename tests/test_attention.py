@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from simpletuner_longcat_video import attention
-from simpletuner_longcat_video.attention import (
+from simpletuner_longcat_video.core import attention
+from simpletuner_longcat_video.core.attention import (
     AttentionContext,
     AttentionOptions,
     BackendDeclined,
@@ -17,7 +17,7 @@ from simpletuner_longcat_video.attention import (
     register_backend,
 )
 
-LOGGER = "simpletuner_longcat_video.attention"
+LOGGER = "simpletuner_longcat_video.core.attention"
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_transformer import i2v_timesteps, inputs, run, tiny_model
 
-from simpletuner_longcat_video import attention, attention_bsa
+from simpletuner_longcat_video.core import attention, attention_bsa
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_kernel_launch_failure_falls_back_to_sdpa_with_identical_output(
     model.set_attention_options(backend="sdpa")
     expected = run(model, x, t, y, mask, ncl=1)
     model.set_attention_options(backend="block_sparse", sparsity=0.0)
-    with caplog.at_level(logging.INFO, logger="simpletuner_longcat_video.attention"):
+    with caplog.at_level(logging.INFO, logger="simpletuner_longcat_video.core.attention"):
         first = run(model, x, t, y, mask, ncl=1)
         second = run(model, x, t, y, mask, ncl=1)
     assert launches == [1]  # retired after the first failure, never relaunched

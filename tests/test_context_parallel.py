@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from simpletuner_longcat_video.context_parallel import frame_counts
+from simpletuner_longcat_video.core.context_parallel import frame_counts
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import check_context_parallel_config
+from simpletuner_longcat_video.host.family import check_context_parallel_config
 
 HERE = Path(__file__).resolve().parent
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -65,9 +65,9 @@ def _worker_main(out_path: str) -> None:
     import torch.distributed as dist
     from test_transformer import TINY, i2v_timesteps, inputs, seeded_init
 
-    from simpletuner_longcat_video import attention, attention_bsa
-    from simpletuner_longcat_video.context_parallel import FrameShard
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core import attention, attention_bsa
+    from simpletuner_longcat_video.core.context_parallel import FrameShard
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

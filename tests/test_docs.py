@@ -130,7 +130,7 @@ from simpletuner.helpers.data_backend.config import create_backend_config
 from simpletuner.helpers.data_backend.config_rules import _validate_dataloader_specific
 from simpletuner.cli import create_parser
 from simpletuner.helpers.training.validation import parse_validation_resolution
-from simpletuner_longcat_video.data import check_training_config
+from simpletuner_longcat_video.host.datasets import check_training_config
 
 def attempt(call):
     err = io.StringIO()

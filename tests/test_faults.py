@@ -26,8 +26,8 @@ import torch
 from conftest import REPO, load_demo
 from safetensors.torch import load_file, save_file
 
-from simpletuner_longcat_video import faults
 from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.host import faults
 
 slow = pytest.mark.slow
 demo = load_demo()

@@ -9,13 +9,17 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import check_block_swap_config, check_compile_config, compile_blocks_requested
-from simpletuner_longcat_video.transformer import (
+from simpletuner_longcat_video.core.transformer import (
     LORA_TARGET_MODULES,
     FP32Linear,
     LongCatVideoTransformer3DModel,
     check_blocks_to_swap,
+)
+from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.host.family import (
+    check_block_swap_config,
+    check_compile_config,
+    compile_blocks_requested,
 )
 
 TINY = dict(hidden_size=64, depth=4, num_heads=4, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=32)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simpletuner_longcat_video.attention import AttentionOptions
+from simpletuner_longcat_video.core.attention import AttentionOptions
+from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 
 DATA = Path(__file__).parent / "data"
 
@@ -374,7 +374,7 @@ def test_a_backend_probe_with_autograd_does_not_break_checkpointing(monkeypatch,
     """On the H200 the first checkpointed step raised "A different number of tensors was saved during
     the original forward and recomputation": the block-sparse probe (a forward and backward, asked
     once) ran inside block 0's forward and not in its recomputation."""
-    from simpletuner_longcat_video import attention
+    from simpletuner_longcat_video.core import attention
 
     model = tiny_model().train()
     x, t, y, mask = inputs()

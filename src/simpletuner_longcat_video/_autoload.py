@@ -24,9 +24,10 @@ import os
 import sys
 
 REGISTRY_MODULE = "simpletuner.helpers.models.registry"
-# host module -> function of simpletuner_longcat_video.plugin called with it once it has executed
+# host module -> function of simpletuner_longcat_video.host.patches called with it once it has executed:
+# the one place the plugin's run-time changes of the host are applied from.
 HOOKS = {
-    REGISTRY_MODULE: "register_entry_points",
+    REGISTRY_MODULE: "register_family",
     "simpletuner.simpletuner_sdk.server.services.field_registry.registry": "extend_host_fields",
     "simpletuner.helpers.training.collate": "extend_host_collate",
     "simpletuner.helpers.data_backend.factory": "extend_host_data_config",
@@ -68,9 +69,9 @@ def on_module_loaded(module) -> None:
     if _fired >= HOOKS.keys():
         uninstall()
     try:
-        from simpletuner_longcat_video import plugin
+        from simpletuner_longcat_video.host import patches
 
-        getattr(plugin, HOOKS[module.__name__])(module)
+        getattr(patches, HOOKS[module.__name__])(module)
     except Exception as exc:  # a broken plugin must never take the host down with it
         sys.stderr.write(
             f"[simpletuner-longcat-video] plugin hook for {module.__name__} failed, the host continues "

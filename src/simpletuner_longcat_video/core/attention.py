@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .context_parallel import FrameShard
+    from simpletuner_longcat_video.core.context_parallel import FrameShard
 
-logger = logging.getLogger("simpletuner_longcat_video.attention")
+logger = logging.getLogger("simpletuner_longcat_video.core.attention")
 
 ENTRY_POINT_GROUP = "simpletuner.attention_backends"
 BACKEND_CHOICES = ("auto", "sdpa", "xformers", "block_sparse")

@@ -1,7 +1,7 @@
 """The block-sparse Triton kernel as an attention backend for the seam in ``attention.py``.
 
 Published through the ``simpletuner.attention_backends`` entry-point group as
-``block_sparse = simpletuner_longcat_video.attention_bsa:BACKEND``. Importing this module is cheap:
+``block_sparse = simpletuner_longcat_video.core.attention_bsa:BACKEND``. Importing this module is cheap:
 Triton is imported, and a kernel compiled, only by :func:`is_available` and by the first call.
 """
 
@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from simpletuner_longcat_video.kernels import BlockSparseArgumentError, block_sparse_attention
+from simpletuner_longcat_video.kernels.block_sparse import BlockSparseArgumentError, block_sparse_attention
 
 
 class BlockSparseOptions(Protocol):
@@ -61,7 +61,7 @@ def block_sparse_backend(
     except BlockSparseArgumentError as exc:
         # A head size, dtype or chunk the kernels do not take is a property of this call, not a
         # broken kernel: decline it (it goes to SDPA) and stay in service for other calls.
-        from simpletuner_longcat_video.attention import BackendDeclined
+        from simpletuner_longcat_video.core.attention import BackendDeclined
 
         raise BackendDeclined(str(exc)) from exc
 

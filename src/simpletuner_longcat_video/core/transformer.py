@@ -12,7 +12,7 @@ the forward returns float32.
 Token layout: latents ``[B, C, T, H, W]`` are patchified with (1, 2, 2) into ``T*(H/2)*(W/2)``
 tokens, frame-major. For image-to-video the first ``num_cond_latents`` latent frames are clean
 condition frames: in self-attention they see only themselves, and they skip cross-attention.
-All attention goes through :mod:`simpletuner_longcat_video.attention`.
+All attention goes through :mod:`simpletuner_longcat_video.core.attention`.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from .attention import (
+from simpletuner_longcat_video.core.attention import (
     AttentionContext,
     AttentionOptions,
     dispatch_attention,
     dispatch_cross_attention,
     registered_backends,
 )
-from .context_parallel import FrameShard
-from .errors import LongCatVideoError, listed
+from simpletuner_longcat_video.core.context_parallel import FrameShard
+from simpletuner_longcat_video.errors import LongCatVideoError, listed
 
 logger = logging.getLogger(__name__)
 
@@ -560,11 +560,37 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             enable_flashattn3, enable_flashattn2, enable_xformers, enable_bsa, bsa_params
         )
 
+    # Two parts of a memory option come from the trainer that runs the model, so the model imports
+    # none: the block-swap manager (called with block indices, device, logger) and the checkpoint
+    # function that parks saved block inputs in CPU memory ("unsloth"). host/family.py supplies
+    # SimpleTuner's through use_trainer_parts when it is imported.
+    _trainer_parts: dict[str, Any] = {}
+
+    @classmethod
+    def use_trainer_parts(cls, **parts: Any) -> None:
+        """Supply ``block_swap_manager`` and/or ``offloaded_checkpoint`` (see the comment above)."""
+        unknown = set(parts) - {"block_swap_manager", "offloaded_checkpoint"}
+        if unknown:
+            raise TypeError(f"use_trainer_parts: unknown parts {sorted(unknown)}")
+        cls._trainer_parts = {**cls._trainer_parts, **parts}
+
+    def _trainer_part(self, name: str, where: str) -> Any:
+        part = self._trainer_parts.get(name)
+        if part is None:
+            raise LongCatVideoError(
+                where=where,
+                value=name,
+                rule="this memory option runs through the trainer's implementation, and none was supplied",
+                fix="train through SimpleTuner (importing simpletuner_longcat_video.host.family supplies it), "
+                "or call LongCatVideoTransformer3DModel.use_trainer_parts first",
+            )
+        return part
+
     def set_attention_options(self, options: AttentionOptions | None = None, **changes: Any) -> AttentionOptions:
         """Replace (``options``) and/or edit (keyword fields) the self-attention options; returns them.
 
         ``backend`` is one of ``"auto"``, ``"sdpa"``, ``"xformers"``, ``"block_sparse"`` or any name
-        registered with :func:`simpletuner_longcat_video.attention.register_backend`.
+        registered with :func:`simpletuner_longcat_video.core.attention.register_backend`.
         """
         new = dataclasses.replace(options or self.attention_options, **changes)
         # Asked here, outside any forward: every availability probe runs now (the block-sparse one
@@ -592,11 +618,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if blocks_to_swap == 0:
             self._musubi_block_swap = None
             return
-        from simpletuner.helpers.musubi_block_swap import MusubiBlockSwapManager
-
-        self._musubi_block_swap = MusubiBlockSwapManager(
-            list(range(depth - blocks_to_swap, depth)), torch.device(device), logger
-        )
+        manager = self._trainer_part("block_swap_manager", "musubi_blocks_to_swap")
+        self._musubi_block_swap = manager(list(range(depth - blocks_to_swap, depth)), torch.device(device), logger)
 
     def _place_swapped_trainables(self, device: torch.device) -> None:
         # The host adds the LoRA while the DiT is in CPU memory and then moves every block but the
@@ -641,7 +664,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         All ranks of the group must call forward with the same inputs; each computes its frames,
         self-attention is made whole by an all-to-all over heads, and every rank returns the whole
-        prediction. See :mod:`simpletuner_longcat_video.context_parallel` for the gradient rule.
+        prediction. See :mod:`simpletuner_longcat_video.core.context_parallel` for the gradient rule.
         """
         if group is not None and self.config.num_heads % dist.get_world_size(group):
             raise LongCatVideoError(
@@ -697,8 +720,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def _run_checkpointed(self, block: nn.Module, *args: Any) -> torch.Tensor:
         if self._checkpoint_backend == "unsloth":
-            from simpletuner.helpers.training.offloaded_gradient_checkpointer import offloaded_checkpoint
-
+            offloaded_checkpoint = self._trainer_part("offloaded_checkpoint", "gradient_checkpointing_backend")
             return offloaded_checkpoint(block, *args, use_reentrant=False)
         return self._gradient_checkpointing_func(block, *args)
 

@@ -17,15 +17,26 @@ import torch
 from diffusers import AutoencoderKLWan
 from PIL import Image
 from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
+from simpletuner.helpers.musubi_block_swap import MusubiBlockSwapManager
+from simpletuner.helpers.training.offloaded_gradient_checkpointer import offloaded_checkpoint
 from simpletuner.helpers.training.state_tracker import StateTracker
 from torchvision import transforms
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from simpletuner_longcat_video import data, faults, spec
-from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
-from simpletuner_longcat_video.checkpoint import check_checkpoint_layout
+from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.core.attention import AttentionOptions, xformers_available
+from simpletuner_longcat_video.core.checkpoint import check_checkpoint_layout
+from simpletuner_longcat_video.core.conditioning import apply_i2v_condition, drop_condition_frames
+from simpletuner_longcat_video.core.pipeline import LongCatVideoPipeline, normalize_latents
+from simpletuner_longcat_video.core.text import encode_prompts
+from simpletuner_longcat_video.core.transformer import (
+    LORA_TARGET_MODULES,
+    LongCatVideoTransformer3DModel,
+    check_blocks_to_swap,
+)
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.lora_formats import (
+from simpletuner_longcat_video.host import datasets, faults
+from simpletuner_longcat_video.lora.formats import (
     LoraLayers,
     attach_lora,
     check_against,
@@ -33,16 +44,13 @@ from simpletuner_longcat_video.lora_formats import (
     lora_layers_to,
     read_lora_file,
 )
-from simpletuner_longcat_video.pipeline import LongCatVideoPipeline, normalize_latents
-from simpletuner_longcat_video.text import encode_prompts
-from simpletuner_longcat_video.training import apply_i2v_condition, drop_condition_frames
-from simpletuner_longcat_video.transformer import (
-    LORA_TARGET_MODULES,
-    LongCatVideoTransformer3DModel,
-    check_blocks_to_swap,
-)
 
-logger = logging.getLogger("simpletuner_longcat_video.family")
+logger = logging.getLogger("simpletuner_longcat_video.host.family")
+
+# The DiT runs block swap and offloaded checkpointing through SimpleTuner's own implementations.
+LongCatVideoTransformer3DModel.use_trainer_parts(
+    block_swap_manager=MusubiBlockSwapManager, offloaded_checkpoint=offloaded_checkpoint
+)
 
 
 class LongCatVideo(VideoModelFoundation):
@@ -69,8 +77,6 @@ class LongCatVideo(VideoModelFoundation):
     DEFAULT_MODEL_FLAVOUR = spec.DEFAULT_FLAVOUR
     HUGGINGFACE_PATHS = dict(spec.FLAVOURS)
     MODEL_LICENSE = "mit"
-    # Every cached latent of a batch is checked (readable, finite) before training on it (faults.py).
-    CHECKS_CACHED_LATENTS = True
     # The official checkpoint ships umT5-XXL in text_encoder/ (not Qwen2.5-VL as the design card says).
     TEXT_ENCODER_CONFIGURATION = {
         "text_encoder": {
@@ -114,7 +120,7 @@ class LongCatVideo(VideoModelFoundation):
         super().check_user_config()
         # First: a finished run stops here, before any other rule or any weight is read.
         faults.prepare_resume(self.config, is_main_process=bool(getattr(self.accelerator, "is_main_process", True)))
-        data.check_training_config(self.config)
+        datasets.check_training_config(self.config)
         check_block_swap_config(self.config, self.accelerator.device)
         check_compile_config(self.config)
         check_context_parallel_config(self.config)
@@ -149,22 +155,22 @@ class LongCatVideo(VideoModelFoundation):
         # sets the output size for an input image only on that branch and otherwise fails with
         # UnboundLocalError. Without such inputs the answer stays False, so T2V validation and the
         # eval-split I2V validation keep the host's usual paths.
-        return data.has_validation_start_images(self.config)
+        return datasets.has_validation_start_images(self.config)
 
     def prepare_data_backend_config(self, datasets: list) -> list:
         # Called (plugin.extend_host_data_config) once SimpleTuner has read multidatabackend.json,
         # before it configures, embeds or encodes anything: every rule the files show is checked
         # here, so a refusal costs seconds, not a built VAE cache.
-        self._dataset_scans = data.prepare_datasets(self.config, datasets, log=self.accelerator.is_main_process)
+        self._dataset_scans = datasets.prepare_datasets(self.config, datasets, log=self.accelerator.is_main_process)
         return datasets
 
     def configure_data_signals(self, **signals: bool) -> None:
         # Called by the host's data factory once every dataset is configured and connected:
         # the last moment before training, and the first at which the host's file lists are known.
         super().configure_data_signals(**signals)
-        data.check_datasets(self.config)
+        datasets.check_datasets(self.config)
         if self.accelerator.is_main_process:
-            for line in data.describe_clip_processing(self.config, scans=getattr(self, "_dataset_scans", None)):
+            for line in datasets.describe_clip_processing(self.config, scans=getattr(self, "_dataset_scans", None)):
                 logger.info("%s", line)
 
     def get_transforms(self, dataset_type: str = "image"):
@@ -197,7 +203,7 @@ class LongCatVideo(VideoModelFoundation):
 
     def update_pipeline_call_kwargs(self, pipeline_kwargs: dict) -> dict:
         pipeline_kwargs = super().update_pipeline_call_kwargs(pipeline_kwargs)
-        pipeline_kwargs["num_frames"] = data.validation_num_frames(self.config)
+        pipeline_kwargs["num_frames"] = datasets.validation_num_frames(self.config)
         pipeline_kwargs["output_type"] = "pil"
         pipeline_kwargs["show_progress"] = False
         image = pipeline_kwargs.get("image")
@@ -376,7 +382,7 @@ class LongCatVideo(VideoModelFoundation):
 
 def apply_flow_shift_default(config: object) -> None:
     """Flow matching with shift 12.0 unless the user set ``flow_schedule_shift`` themselves."""
-    from simpletuner_longcat_video.plugin import HostDefault
+    from simpletuner_longcat_video.host.patches import HostDefault
 
     shift = getattr(config, "flow_schedule_shift", None)
     if shift is None or type(shift) is HostDefault:
@@ -404,7 +410,7 @@ def attention_options_from_config(config: object) -> AttentionOptions:
             fix='use "auto" unless you need to force a backend',
         )
     if backend == "block_sparse":
-        from simpletuner_longcat_video import attention_bsa
+        from simpletuner_longcat_video.core import attention_bsa
 
         found = attention_bsa.prerequisites()
         if not found:
