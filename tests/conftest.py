@@ -81,8 +81,8 @@ def run_python(code: str, *, timeout: float = 300, **env: str) -> subprocess.Com
         text=True,
         timeout=timeout,
         env=host_environ(**env),
-        # Not the repo root: its top-level kernels/ folder would shadow the PyPI package `kernels`
-        # (which transformers imports) for `python -c`, whose sys.path starts with the cwd.
+        # Not the repo root, so the checkout's tests/ or examples/ never shadow a name the code
+        # imports (running from the root is tested on its own: tests/test_layout.py).
         cwd=tempfile.gettempdir(),
     )
 
