@@ -27,7 +27,7 @@ def host_config(config_path: Path):
     """``config.json`` parsed by the host's own argument parser, with what its trainer adds before step 1."""
     from simpletuner.helpers.configuration.cmd_args import get_argument_parser
 
-    from simpletuner_longcat_video.host.family import apply_flow_shift_default
+    from simpletuner_longcat_video.host.settings import apply_flow_shift_default
 
     config = json.loads(Path(config_path).read_text())
     args = [f"--{key}={value}" for key, value in config.items() if not isinstance(value, bool)]

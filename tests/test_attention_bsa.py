@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -16,7 +17,7 @@ def block_sparse_forced_available():
     # On a CPU machine the backend reports itself unavailable; pretend Triton compiled so the
     # launch itself is what fails, as it would on a GPU whose driver rejects the kernel.
     attention.load_entry_point_backends()
-    attention.register_backend("block_sparse", attention_bsa.BACKEND, is_available=lambda: True)
+    attention.register_backend(dataclasses.replace(attention_bsa.BACKEND, is_available=lambda: True))
     attention.reset_backend_state()
     yield
     attention.unregister_backend("block_sparse")

@@ -462,7 +462,7 @@ def test_is_i2v_set_twice_differently_row(paired, tmp_path):
 
 def test_block_sparse_without_cuda_row(monkeypatch):
     from simpletuner_longcat_video.core import attention_bsa
-    from simpletuner_longcat_video.host.family import attention_options_from_config
+    from simpletuner_longcat_video.host.settings import attention_options_from_config
 
     monkeypatch.setattr(attention_bsa.torch.cuda, "is_available", lambda: False)
     error = refusal(attention_options_from_config, SimpleNamespace(attention_implementation="block_sparse"))

@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 lets the block-sparse Triton kernels run on the CPU inside th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ import torch
 
 from simpletuner_longcat_video.core.context_parallel import frame_counts
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.host.family import check_context_parallel_config
+from simpletuner_longcat_video.host.settings import check_context_parallel_config
 
 HERE = Path(__file__).resolve().parent
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -74,7 +75,7 @@ def _worker_main(out_path: str) -> None:
     group = dist.group.WORLD
     # On the CPU the Triton backend reports itself unavailable; under TRITON_INTERPRET=1 it runs.
     attention.load_entry_point_backends()
-    attention.register_backend("block_sparse", attention_bsa.BACKEND, is_available=lambda: True)
+    attention.register_backend(dataclasses.replace(attention_bsa.BACKEND, is_available=lambda: True))
     results: dict[str, object] = {}
 
     def step(model, x, t, y, mask, ncl, weight):

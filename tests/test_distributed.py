@@ -26,7 +26,7 @@ from conftest import REPO, host_environ, load_demo
 from safetensors.torch import load_file
 
 from simpletuner_longcat_video.host import faults
-from simpletuner_longcat_video.host.family import warn_fsdp_inactive
+from simpletuner_longcat_video.host.settings import warn_fsdp_inactive
 
 slow = pytest.mark.slow
 demo = load_demo()

@@ -10,7 +10,7 @@ import pytest
 from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.errors import LongCatVideoError
 from simpletuner_longcat_video.host import patches
-from simpletuner_longcat_video.host.family import attention_options_from_config
+from simpletuner_longcat_video.host.settings import attention_options_from_config
 
 
 def config(**values):
@@ -48,10 +48,13 @@ def test_keys_reach_the_options(monkeypatch):
     [
         ("attention_implementation", "flash", "must be one of"),
         ("longcat_bsa_chunk", "4,4", "three positive integers"),
-        ("longcat_bsa_chunk", "3,3,3", "power of two from 16 to 256"),
+        ("longcat_bsa_chunk", "3,3,3", "power of two in [16, 256]"),
+        ("longcat_bsa_chunk", "0,4,8", "every entry must be a positive int"),
         ("longcat_bsa_chunk", "a,b,c", "three positive integers"),
-        ("longcat_bsa_sparsity", 1.0, "must lie in [0, 1)"),
-        ("longcat_bsa_cdf_threshold", 0.0, "must lie in (0, 1]"),
+        ("longcat_bsa_sparsity", 1.5, "in [0, 1]"),
+        ("longcat_bsa_sparsity", -0.1, "in [0, 1]"),
+        ("longcat_bsa_sparsity", "lots", "in [0, 1]"),
+        ("longcat_bsa_cdf_threshold", 0.0, "in (0, 1]"),
     ],
 )
 def test_bad_values_are_named(key, value, rule):

@@ -129,7 +129,7 @@ def test_train_accepts_plugin_keys_and_names_a_bad_chunk(tmp_path):
     output = result.stdout + result.stderr
     assert "unrecognized arguments" not in output
     assert "longcat_bsa_chunk = '3,3,3'" in output
-    assert "power of two from 16 to 256" in output
+    assert "power of two in [16, 256]" in output
     assert result.returncode != 0
 
 

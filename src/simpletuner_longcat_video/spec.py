@@ -174,7 +174,7 @@ CONFIG_OPTIONS = (
         "longcat_bsa_sparsity",
         float,
         0.875,
-        "LongCat-Video block-sparse attention: fraction of key blocks dropped per query block, in [0, 1)",
+        "LongCat-Video block-sparse attention: fraction of key blocks dropped per query block, in [0, 1] (one is always kept)",
         label="LongCat-Video Block-Sparse Sparsity",
         tab="model",
     ),
