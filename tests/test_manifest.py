@@ -58,6 +58,7 @@ def test_family_entry_points_match_manifest_and_spec(manifest):
     assert family["default_flavour"] == spec.DEFAULT_FLAVOUR
     assert family["huggingface_paths"] == spec.FLAVOURS
     assert family["text_encoder"] == spec.TEXT_ENCODER_CLASS
+    assert family["prediction_type"] == spec.PREDICTION_TYPE
 
 
 def test_registered_class_matches_manifest(manifest):
@@ -78,8 +79,10 @@ def test_attention_backend_entry_points_match_manifest(manifest):
     assert eps == {b["name"]: b["object"] for b in manifest["attention_backends"]} == spec.ATTENTION_BACKENDS
     for ep in metadata.entry_points(group=discovery.ATTENTION_GROUP):
         if ep.dist.name == DIST:
+            from simpletuner_longcat_video.core.attention import Backend
+
             backend = ep.load()
-            assert callable(backend) and callable(backend.is_available)
+            assert isinstance(backend, Backend) and backend.name == ep.name and callable(backend.attend)
 
 
 def test_kernels_ship_inside_the_installed_package():
