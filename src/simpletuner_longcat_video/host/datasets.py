@@ -359,24 +359,32 @@ def _check_pair(
             "or convert them yourself, e.g. "
             + ", ".join(f"`mogrify -format png {cond_root}/*{suffix}`" for suffix in suffixes),
         )
-    # The host's own first-frame conditioning datasets work this way: the dataset is marked
-    # "i2v_first_frame" (clip.ext -> clip.png for the lookup) and each start frame's metadata
-    # names its clip (for the way back, and for the caption).
-    cond_settings["conditioning_config"] = {
-        **(cond_settings.get("conditioning_config") or {}),
-        "type": "i2v_first_frame",
-    }
-    metadata_backend = cond.get("metadata_backend")
-    for key, frame_path in frame_keys.items():
-        metadata = metadata_backend.get_metadata_by_filepath(frame_path) if metadata_backend is not None else None
-        if isinstance(metadata, dict):
-            metadata["training_sample_path"] = clip_keys[key]
+    link_start_frames_to_clips(cond, clip_keys, frame_keys)
     logger.info(
         "I2V pairing: %d clips in %r each have their start frame in %r (matched by name)",
         len(clip_keys),
         clip_id,
         cond_id,
     )
+
+
+def link_start_frames_to_clips(cond: dict, clip_keys: dict[str, str], frame_keys: dict[str, str]) -> None:
+    """SimpleTuner 4.10.1: a checked pairing written into the host's configured conditioning dataset.
+
+    The host pairs a clip with a start frame of another name only the way its own first-frame
+    conditioning datasets work: the dataset is marked ``conditioning_config.type = i2v_first_frame``
+    (its lookup maps ``clip.ext`` to ``clip.png``) and each start frame's metadata names its clip
+    (``training_sample_path``: the way back, and the caption). A ``conditioning: [{"type": ...}]``
+    entry in the dataset config cannot say this: it makes the host *generate* start frames from
+    each clip's first frame, not pair the user's own. Listed in docs/plugin.md with the patches.
+    """
+    settings = cond.get("config") or {}
+    settings["conditioning_config"] = {**(settings.get("conditioning_config") or {}), "type": "i2v_first_frame"}
+    metadata_backend = cond.get("metadata_backend")
+    for key, frame_path in frame_keys.items():
+        metadata = metadata_backend.get_metadata_by_filepath(frame_path) if metadata_backend is not None else None
+        if isinstance(metadata, dict):
+            metadata["training_sample_path"] = clip_keys[key]
 
 
 # --- before SimpleTuner configures anything ----------------------------------------------------
