@@ -18,7 +18,7 @@ Rules (from the quickstart, decided here once):
   and any start frame without a clip is named. ``is_i2v`` on a dataset that is not a video dataset
   is refused; the seed's ``"is_i2v": true`` beside ``dataset_type`` means ``video.is_i2v``.
 * What the host would silently drop or mis-train (undecodable, empty or too-short clips, empty or
-  missing captions, images in a video dataset) is refused by ``data_files``.
+  missing captions, images in a video dataset) is refused by ``dataset_files``.
 
 Two passes: :func:`prepare_datasets` runs on the data backend config as soon as SimpleTuner has
 read it, before it configures, embeds or encodes anything, and checks every rule the files show;
@@ -242,7 +242,7 @@ def _pairing_error(
 
 
 def check_datasets(config: object, backends: dict | None = None) -> None:
-    """Dataset rules once the host has configured every dataset (see the module doc and ``data_files``).
+    """Dataset rules once the host has configured every dataset (see the module doc and ``dataset_files``).
 
     Every dataset is checked and every problem named in one error: a user fixing one problem
     per start-up of a large run would wait minutes for each.
@@ -419,7 +419,7 @@ def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dic
     """Read the data backend config as the family means it, and check every rule its files show.
 
     Runs when SimpleTuner 4.10.1 has read ``multidatabackend.json`` and before it configures,
-    embeds or encodes anything (``plugin.extend_host_data_config``), on the list the host will use,
+    embeds or encodes anything (``patches.extend_host_data_config``), on the list the host will use,
     which is changed in place:
 
     * a relative ``instance_data_dir`` is made absolute (against the working directory, as the

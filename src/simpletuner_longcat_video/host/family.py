@@ -1,8 +1,9 @@
-"""The host-facing LongCat-Video family: the only module that speaks SimpleTuner's model API.
+"""The host-facing LongCat-Video family: the ``ModelFoundation`` subclass SimpleTuner instantiates.
 
 Registered under ``longcat_video`` through the ``simpletuner.model_families`` entry point (see
-``plugin.py``). Facts come from ``spec.py``; this class only maps them onto the host's class
-attributes and hooks.
+``discovery.py``). Facts come from ``spec.py`` and the config from ``settings.py`` (read once);
+this class maps them onto the host's class attributes and hooks and calls ``core`` for the model,
+the batch and the sampler.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class LongCatVideo(VideoModelFoundation):
         return datasets.has_validation_start_images(self.config)
 
     def prepare_data_backend_config(self, datasets: list) -> list:
-        # Called (plugin.extend_host_data_config) once SimpleTuner has read multidatabackend.json,
+        # Called (patches.extend_host_data_config) once SimpleTuner has read multidatabackend.json,
         # before it configures, embeds or encodes anything: every rule the files show is checked
         # here, so a refusal costs seconds, not a built VAE cache.
         self._dataset_scans = datasets.prepare_datasets(self.config, datasets, log=self.accelerator.is_main_process)
@@ -221,7 +222,7 @@ class LongCatVideo(VideoModelFoundation):
         return pipeline_kwargs
 
     # Validation from the eval split. SimpleTuner 4.10.1 hands I2V validation the eval clip's own first
-    # frame; plugin.pair_validation_start_frames routes the host's samples through this method instead.
+    # frame; patches.pair_validation_start_frames routes the host's samples through this method instead.
     def pair_validation_start_frames(self, samples: list) -> list:
         """The host's validation samples, each eval clip's start image replaced by its paired start frame.
 

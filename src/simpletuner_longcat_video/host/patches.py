@@ -101,7 +101,7 @@ def mark_flow_shift_as_host_default(registry: Any) -> None:
 
     The host's ``flow_schedule_shift`` field has one default (3.0) for every family and the parsed
     config cannot say whether the user wrote it; LongCat-Video samples with 12.0 unless the user
-    set a shift (``family.apply_flow_shift_default``). The field's default becomes a
+    set a shift (``settings.apply_flow_shift_default``). The field's default becomes a
     :class:`HostDefault` of the same value, which every other family, the parser and the WebUI
     read as that float.
     """
