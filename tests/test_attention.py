@@ -87,12 +87,19 @@ def test_grid_and_condition_size_are_checked():
         dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), num_cond_tokens=5))
 
 
-def test_options_are_validated():
-    with pytest.raises(ValueError, match="sparsity"):
-        AttentionOptions(sparsity=1.5)
-    with pytest.raises(ValueError, match="chunk"):
-        AttentionOptions(chunk=(4, 4))
+def test_options_are_validated_by_the_backend_that_reads_them():
+    from simpletuner_longcat_video.core import attention_bsa
+
     assert AttentionOptions(chunk=[4, 4, 8]).chunk == (4, 4, 8)
+    assert attention.check_options(AttentionOptions(sparsity=1.5)).sparsity == 1.5  # no backend reads it
+    register_backend(attention_bsa.BACKEND)
+    with pytest.raises(ValueError, match="sparsity"):
+        attention.check_options(AttentionOptions(sparsity=1.5))
+    with pytest.raises(ValueError, match="chunk"):
+        attention.check_options(AttentionOptions(chunk=(4, 4)))
+    with pytest.raises(ValueError, match="power of two"):
+        attention.check_options(AttentionOptions(chunk=(3, 3, 3)))
+    attention.check_options(AttentionOptions())  # upstream's defaults pass
 
 
 # -- registry, selection, fallback -------------------------------------------------------------
