@@ -245,21 +245,15 @@ class _FakeEntryPoint:
 
 
 def test_entry_point_backends_are_discovered_lazily_and_bad_ones_skipped(monkeypatch, caplog):
-    class ClassBackend:
-        def is_available(self):
-            return True
-
-        def __call__(self, q, k, v, *, q_grid, kv_grid, options):
-            return -attention.sdpa_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
-
-    def fn_backend(q, k, v, **kwargs):
-        return torch.zeros_like(q)
+    def negated(q, k, v, *, q_grid, kv_grid, options):
+        return -attention.sdpa_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
 
     fake_eps = [
-        _FakeEntryPoint("from_class", ClassBackend),
-        _FakeEntryPoint("from_function", fn_backend),
+        _FakeEntryPoint("negated", Backend("negated", negated)),
+        # An entry point names a Backend: a bare function, a wrong name or a failing import is skipped.
+        _FakeEntryPoint("bare_function", negated),
+        _FakeEntryPoint("misnamed", Backend("other_name", negated)),
         _FakeEntryPoint("broken_import", error=ImportError("no module named fake")),
-        _FakeEntryPoint("not_callable", 42),
     ]
     seen_groups = []
 
@@ -272,15 +266,13 @@ def test_entry_point_backends_are_discovered_lazily_and_bad_ones_skipped(monkeyp
     q, k, v = qkv()
     dense = attention.sdpa_backend(q, k, v, q_grid=(3, 2, 4), kv_grid=(3, 2, 4), options=AttentionOptions())
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        out = dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), options=AttentionOptions("from_class")))
+        out = dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), options=AttentionOptions("negated")))
         names = attention.registered_backends()
     assert seen_groups == ["simpletuner.attention_backends"]  # scanned once
     torch.testing.assert_close(out, -dense)
-    assert (
-        names["from_class"] and names["from_function"] and "broken_import" not in names and "not_callable" not in names
-    )
+    assert names["negated"] and not {"bare_function", "misnamed", "other_name", "broken_import"} & set(names)
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
-    assert len(skipped) == 2
+    assert len(skipped) == 3
 
 
 # -- cross-attention ---------------------------------------------------------------------------
