@@ -54,9 +54,13 @@ def _inject_bsa_failure(module) -> None:
             raise RuntimeError("CUDA error: unspecified launch failure (injected)")
         return F.scaled_dot_product_attention(q, k, v)
 
+    import dataclasses
+
     module.is_available = available
     module.prerequisites = available  # the config-time check for CUDA and Triton
-    module.block_sparse_attention = kernel
+    module.block_sparse_attention = kernel  # looked up by the backend at each call
+    # The Backend record holds its probe; the entry point reads BACKEND after this hook has run.
+    module.BACKEND = dataclasses.replace(module.BACKEND, is_available=available)
 
 
 def _record_calls(family) -> None:
