@@ -159,12 +159,14 @@ class LongCatVideo(VideoModelFoundation):
         # eval-split I2V validation keep the host's usual paths.
         return datasets.has_validation_start_images(self.config)
 
-    def prepare_data_backend_config(self, datasets: list) -> list:
+    def prepare_data_backend_config(self, backend_configs: list) -> list:
         # Called (patches.extend_host_data_config) once SimpleTuner has read multidatabackend.json,
         # before it configures, embeds or encodes anything: every rule the files show is checked
         # here, so a refusal costs seconds, not a built VAE cache.
-        self._dataset_scans = datasets.prepare_datasets(self.config, datasets, log=self.accelerator.is_main_process)
-        return datasets
+        self._dataset_scans = datasets.prepare_datasets(
+            self.config, backend_configs, log=self.accelerator.is_main_process
+        )
+        return backend_configs
 
     def configure_data_signals(self, **signals: bool) -> None:
         # Called by the host's data factory once every dataset is configured and connected:
