@@ -23,8 +23,8 @@ import time
 
 import torch
 import triton
-from simpletuner_longcat_video.kernels import block_sparse_attention
 from simpletuner_longcat_video.kernels import triton_bsa as tk
+from simpletuner_longcat_video.kernels.block_sparse import block_sparse_attention
 from simpletuner_longcat_video.kernels.selection import ChunkLayout, mask_from_lists, select_blocks
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

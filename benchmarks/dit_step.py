@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM dense bf16 peak
 

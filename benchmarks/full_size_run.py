@@ -159,8 +159,8 @@ def build_full_checkpoint(root: Path) -> Path:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from simpletuner_longcat_video import spec
-    from simpletuner_longcat_video.tiny import _tokenizer, build_tiny_distill_lora
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.testing.tiny import _tokenizer, build_tiny_distill_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root.mkdir(parents=True, exist_ok=True)
@@ -168,9 +168,12 @@ def build_full_checkpoint(root: Path) -> Path:
 
     start = time.monotonic()
     with torch.device("meta"):
-        dit = LongCatVideoTransformer3DModel(**OFFICIAL_DIT_CONFIG)
+        dit = LongCatVideoTransformer3DModel.from_config(OFFICIAL_DIT_CONFIG)
     _fill_random(dit, device, torch.bfloat16)
     dit.save_pretrained(root / spec.DIT_SUBFOLDER, max_shard_size="10GB", safe_serialization=True)
+    # The model's config is architecture only; the checkpoint keeps the official file, switches included.
+    config_file = root / spec.DIT_SUBFOLDER / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **OFFICIAL_DIT_CONFIG}, indent=2))
     timings["dit_s"] = time.monotonic() - start
     del dit
     torch.cuda.empty_cache() if device == "cuda" else None
@@ -217,7 +220,7 @@ def build_dataset(root: Path, geometry: dict) -> dict[str, Path]:
     """Clips + captions, start frames as separate image files under the clips' names, one eval clip."""
     from PIL import Image
 
-    from simpletuner_longcat_video.tiny import synthetic_clip
+    from simpletuner_longcat_video.testing.tiny import synthetic_clip
 
     folders = {}
     for split, count, offset in (("train", geometry["clips"], 0), ("val", 1, 100)):
@@ -641,7 +644,7 @@ def main() -> int:
         if not (checkpoint / "BUILD.json").exists():  # written last: a half-built checkpoint is rebuilt
             shutil.rmtree(checkpoint, ignore_errors=True)
             if args.tiny:
-                from simpletuner_longcat_video.tiny import build_tiny_checkpoint, build_tiny_distill_lora
+                from simpletuner_longcat_video.testing.tiny import build_tiny_checkpoint, build_tiny_distill_lora
 
                 build_tiny_checkpoint(checkpoint)
                 build_tiny_distill_lora(checkpoint)

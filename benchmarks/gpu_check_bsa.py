@@ -22,8 +22,9 @@ import sys
 import time
 
 import torch
-from simpletuner_longcat_video.kernels import block_sparse_attention, block_sparse_mask, token_blocks, topk_count
 from simpletuner_longcat_video.kernels import triton_bsa as tk
+from simpletuner_longcat_video.kernels.block_sparse import block_sparse_attention, block_sparse_mask
+from simpletuner_longcat_video.kernels.selection import token_blocks, topk_count
 
 DEVICE = "cuda"  # a module constant so a CPU dry run under TRITON_INTERPRET=1 can swap it
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}

@@ -13,9 +13,9 @@ import time
 import torch
 from PIL import Image
 
-from simpletuner_longcat_video.attention import AttentionOptions
-from simpletuner_longcat_video.pipeline import load_pipeline
-from simpletuner_longcat_video.tiny import build_tiny_checkpoint, synthetic_clip
+from simpletuner_longcat_video.core.attention import AttentionOptions
+from simpletuner_longcat_video.core.pipeline import load_pipeline
+from simpletuner_longcat_video.testing.tiny import build_tiny_checkpoint, synthetic_clip
 
 
 def main() -> int:

@@ -46,10 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_step import H100_BF16_DENSE_TFLOPS, TINY_CONFIG, Shape, Timer, count_flops  # noqa: E402
 
 try:
-    from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+# Block swap and the "unsloth" checkpoint run through SimpleTuner's own code, which the family hands the DiT.
+import simpletuner_longcat_video.host.family  # noqa: E402, F401
 
 ROWS: dict[str, dict] = {
     "plain": {},

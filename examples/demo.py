@@ -1,14 +1,14 @@
 """The main job on the embedded default (``make demo``): an image-to-video LoRA that learns, trained by the real host.
 
 1. builds a tiny LongCat-Video checkpoint in the official layout (shaped so a LoRA can learn on
-   it, see ``simpletuner_longcat_video.tiny``) and a tiny edit-style paired dataset: two clips
+   it, see ``simpletuner_longcat_video.testing.tiny``) and a tiny edit-style paired dataset: two clips
    with one caption, each starting from a start frame of the other clip's colour, and a
    one-pair validation split;
 2. takes ``examples/config.json`` and ``examples/multidatabackend.json`` (the quickstart's files)
    and changes only what a laptop CPU needs: the checkpoint path, the data folders, sizes, steps;
 3. runs the host's own ``simpletuner train`` on them, with I2V validation from the eval split;
 4. samples each training pair image-to-video with our pipeline, without and with the LoRA the
-   run wrote, and compares with the clip (``simpletuner_longcat_video.learning``): the demo
+   run wrote, and compares with the clip (``simpletuner_longcat_video.testing.learning``): the demo
    passes only if the LoRA lowers the latent error by ``learning.THRESHOLD`` times or more.
 
 Pointing ``pretrained_model_name_or_path`` at the real checkpoint (or leaving the hub id) and the
@@ -63,7 +63,7 @@ def prepare(workdir: Path, *, learning: bool = False) -> Path:
     ``learning``: the demo's own run (the learning dataset, ``LEARNING_OVERRIDES``); without it a
     short run on four moving-square clips, the base the host-run tests break in their own ways.
     """
-    from simpletuner_longcat_video.tiny import build_learning_dataset, build_tiny_checkpoint, build_tiny_dataset
+    from simpletuner_longcat_video.testing.tiny import build_learning_dataset, build_tiny_checkpoint, build_tiny_dataset
 
     checkpoint = build_tiny_checkpoint(workdir / "LongCat-Video-tiny")
     dataset = workdir / "datasets" / "longcat-video"
@@ -137,8 +137,8 @@ def summarise(workdir: Path, log_text: str) -> dict:
 
 
 def check_learning(workdir: Path, lora: Path):
-    """The learning check (``simpletuner_longcat_video.learning``) on the training pairs of ``workdir``."""
-    from simpletuner_longcat_video.learning import learning_check, training_pairs
+    """The learning check (``simpletuner_longcat_video.testing.learning``) on the training pairs of ``workdir``."""
+    from simpletuner_longcat_video.testing.learning import learning_check, training_pairs
 
     train = workdir / "datasets" / "longcat-video" / "train"
     pairs = training_pairs(train / "clips", train / "start_frames")

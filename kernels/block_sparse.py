@@ -57,6 +57,30 @@ class _Spec:
     scale: float
 
 
+def check_settings(chunk: object, sparsity: object, cdf_threshold: object) -> Grid:
+    """The block-sparse settings' rules, written once: the kernels and the plugin's config check both use them.
+
+    Returns the chunk as a ``(t, h, w)`` triple. ``sparsity`` is the fraction of key blocks each query
+    block drops, in [0, 1] (at least one block is always kept, so 1 keeps one); ``cdf_threshold`` keeps the smallest
+    set of blocks whose softmax mass reaches it, in (0, 1]; either may be None.
+    """
+    chunk = _as_triple("chunk", chunk)
+    volume = math.prod(chunk)
+    if volume < 16 or volume > 256 or volume & (volume - 1):
+        raise BlockSparseArgumentError(
+            "chunk", chunk, f"t*h*w = {volume} must be a power of two in [16, 256] (a tensor-core tile)",
+            "use e.g. (4, 4, 8)",
+        )  # fmt: skip
+    if sparsity is not None and not (_is_real(sparsity) and 0.0 <= sparsity <= 1.0):
+        raise BlockSparseArgumentError(
+            "sparsity", sparsity, "must be a number in [0, 1] or None: the fraction of key blocks each query block drops",
+            "pass e.g. 0.875 (0.75 keeps twice as many blocks)",
+        )  # fmt: skip
+    if cdf_threshold is not None and not (_is_real(cdf_threshold) and 0.0 < cdf_threshold <= 1.0):
+        raise BlockSparseArgumentError("cdf_threshold", cdf_threshold, "must be in (0, 1] or None", "pass e.g. 0.9")
+    return chunk
+
+
 def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -115,7 +139,6 @@ def _validate(
 
     q_grid = _as_triple("q_grid", q_grid)
     kv_grid = _as_triple("kv_grid", kv_grid)
-    chunk = _as_triple("chunk", chunk)
     if math.prod(q_grid) != q.shape[2]:
         raise BlockSparseArgumentError(
             "q_grid", q_grid, f"T*H*W = {math.prod(q_grid)} must equal q's token count {q.shape[2]}", "pass q's grid"
@@ -128,17 +151,7 @@ def _validate(
         raise BlockSparseArgumentError(
             "kv_grid", kv_grid, f"H and W must equal q_grid's {q_grid[1:]} (only T may differ)", "pass matching grids"
         )
-    volume = math.prod(chunk)
-    if volume < 16 or volume > 256 or volume & (volume - 1):
-        raise BlockSparseArgumentError(
-            "chunk", chunk, f"t*h*w = {volume} must be a power of two in [16, 256] (a tensor-core tile)",
-            "use e.g. (4, 4, 8)",
-        )  # fmt: skip
-
-    if sparsity is not None and not (_is_real(sparsity) and 0.0 <= sparsity <= 1.0):
-        raise BlockSparseArgumentError("sparsity", sparsity, "must be a number in [0, 1] or None", "pass e.g. 0.875")
-    if cdf_threshold is not None and not (_is_real(cdf_threshold) and 0.0 < cdf_threshold <= 1.0):
-        raise BlockSparseArgumentError("cdf_threshold", cdf_threshold, "must be in (0, 1] or None", "pass e.g. 0.9")
+    chunk = check_settings(chunk, sparsity, cdf_threshold)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     elif not (_is_real(scale) and math.isfinite(scale) and scale > 0):

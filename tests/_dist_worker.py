@@ -37,8 +37,8 @@ VALID_TOKENS = (4, 6)  # per-sample text lengths differ, so the mask path is par
 def build_model() -> torch.nn.Module:
     from peft import LoraConfig
 
-    from simpletuner_longcat_video.tiny import TEXT_DIM
-    from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.testing.tiny import TEXT_DIM
 
     torch.manual_seed(0)
     model = LongCatVideoTransformer3DModel(
@@ -89,8 +89,8 @@ def batch_for(rank: int, world: int) -> dict[str, torch.Tensor]:
 
 def family_loss(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
     """The family's training loss for ``data`` (the host's prepare_batch math, then our hooks)."""
-    from simpletuner_longcat_video.family import LongCatVideo
-    from simpletuner_longcat_video.training import apply_i2v_condition, drop_condition_frames
+    from simpletuner_longcat_video.core.conditioning import apply_i2v_condition, drop_condition_frames
+    from simpletuner_longcat_video.host.family import LongCatVideo
 
     sigma = data["sigma"].view(-1, 1, 1, 1, 1)
     batch = {
@@ -179,7 +179,7 @@ def run_accelerate(out: Path, no_sync: bool, context_parallel: bool = False) -> 
 def _shard(model: torch.nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformerBlock
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformerBlock
 
     blocks = [module for module in model.modules() if isinstance(module, LongCatVideoTransformerBlock)]
     for block in blocks:

@@ -9,7 +9,7 @@ then our ``prepare_batch_conditions``), our ``model_predict``, the host's ``loss
 dropout, the DiT's target modules), AdamW with the host's ``adamw_bf16`` defaults, the config's
 gradient clipping. What it leaves out is the trainer's bookkeeping (data loaders, caches,
 checkpoints, logging), which the demo's host run in test_i2v_training.py covers. A mutation
-patches ``simpletuner_longcat_video.family``, the module the host calls, in the same way.
+patches ``simpletuner_longcat_video.host.family``, the module the host calls, in the same way.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from types import SimpleNamespace
 
 import torch
 
-from simpletuner_longcat_video.learning import LearningCheck, Pair, clip_latents, latent_errors, read_clip
+from simpletuner_longcat_video.testing.learning import LearningCheck, Pair, clip_latents, latent_errors, read_clip
 
 
 def host_config(config_path: Path):
     """``config.json`` parsed by the host's own argument parser, with what its trainer adds before step 1."""
     from simpletuner.helpers.configuration.cmd_args import get_argument_parser
 
-    from simpletuner_longcat_video.family import apply_flow_shift_default
+    from simpletuner_longcat_video.host.settings import apply_flow_shift_default
 
     config = json.loads(Path(config_path).read_text())
     args = [f"--{key}={value}" for key, value in config.items() if not isinstance(value, bool)]
@@ -65,9 +65,9 @@ def train_and_check(checkpoint: Path, config_path: Path, pairs: list[Pair], step
     """Train a LoRA on ``pairs`` with the host's step code, then the learning check on the same pairs."""
     from peft import LoraConfig
 
-    from simpletuner_longcat_video.family import LongCatVideo
-    from simpletuner_longcat_video.pipeline import load_pipeline
-    from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES
+    from simpletuner_longcat_video.host.family import LongCatVideo
 
     config = host_config(config_path)
     pipe = load_pipeline(str(checkpoint))

@@ -81,8 +81,8 @@ def run_python(code: str, *, timeout: float = 300, **env: str) -> subprocess.Com
         text=True,
         timeout=timeout,
         env=host_environ(**env),
-        # Not the repo root: its top-level kernels/ folder would shadow the PyPI package `kernels`
-        # (which transformers imports) for `python -c`, whose sys.path starts with the cwd.
+        # Not the repo root, so the checkout's tests/ or examples/ never shadow a name the code
+        # imports (running from the root is tested on its own: tests/test_layout.py).
         cwd=tempfile.gettempdir(),
     )
 
@@ -95,13 +95,13 @@ def python_subprocess():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny LongCat-Video checkpoint in the official folder layout (built once per session)."""
-    from simpletuner_longcat_video.tiny import build_tiny_checkpoint
+    from simpletuner_longcat_video.testing.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-longcat") / "LongCat-Video-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_checkpoint: Path):
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     return load_pipeline(str(tiny_checkpoint))

@@ -7,17 +7,18 @@ import logging
 import pytest
 import torch
 
-from simpletuner_longcat_video import attention
-from simpletuner_longcat_video.attention import (
+from simpletuner_longcat_video.core import attention
+from simpletuner_longcat_video.core.attention import (
     AttentionContext,
     AttentionOptions,
+    Backend,
     BackendDeclined,
     dispatch_attention,
     dispatch_cross_attention,
     register_backend,
 )
 
-LOGGER = "simpletuner_longcat_video.attention"
+LOGGER = "simpletuner_longcat_video.core.attention"
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +72,7 @@ def test_backends_see_the_i2v_halves_with_their_grids():
         calls.append((q.shape[2], k.shape[2], q_grid, kv_grid, options.sparsity))
         return attention.sdpa_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
 
-    register_backend("spy", spy)
+    register_backend(Backend("spy", spy))
     q, k, v = qkv()
     opts = AttentionOptions(backend="spy", sparsity=0.5)
     dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), num_cond_tokens=8, options=opts))
@@ -86,12 +87,19 @@ def test_grid_and_condition_size_are_checked():
         dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), num_cond_tokens=5))
 
 
-def test_options_are_validated():
-    with pytest.raises(ValueError, match="sparsity"):
-        AttentionOptions(sparsity=1.5)
-    with pytest.raises(ValueError, match="chunk"):
-        AttentionOptions(chunk=(4, 4))
+def test_options_are_validated_by_the_backend_that_reads_them():
+    from simpletuner_longcat_video.core import attention_bsa
+
     assert AttentionOptions(chunk=[4, 4, 8]).chunk == (4, 4, 8)
+    assert attention.check_options(AttentionOptions(sparsity=1.5)).sparsity == 1.5  # no backend reads it
+    register_backend(attention_bsa.BACKEND)
+    with pytest.raises(ValueError, match="sparsity"):
+        attention.check_options(AttentionOptions(sparsity=1.5))
+    with pytest.raises(ValueError, match="chunk"):
+        attention.check_options(AttentionOptions(chunk=(4, 4)))
+    with pytest.raises(ValueError, match="power of two"):
+        attention.check_options(AttentionOptions(chunk=(3, 3, 3)))
+    attention.check_options(AttentionOptions())  # upstream's defaults pass
 
 
 # -- registry, selection, fallback -------------------------------------------------------------
@@ -104,7 +112,7 @@ def test_raising_backend_falls_back_to_sdpa_and_logs_once(caplog):
         calls.append(1)
         raise RuntimeError("triton launch failed")
 
-    register_backend("broken", broken)
+    register_backend(Backend("broken", broken))
     q, k, v = qkv()
     ctx = AttentionContext(grid=(3, 2, 4), num_cond_tokens=8, options=AttentionOptions(backend="broken"))
     expected = dispatch_attention(
@@ -128,7 +136,7 @@ def test_out_of_memory_is_not_swallowed():
     def oom(q, k, v, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    register_backend("oom", oom)
+    register_backend(Backend("oom", oom))
     q, k, v = qkv()
     with pytest.raises(torch.OutOfMemoryError):
         dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), options=AttentionOptions(backend="oom")))
@@ -141,7 +149,7 @@ def test_declining_backend_serves_other_calls(caplog):
             raise BackendDeclined("needs at least 2 frames")
         return 2 * attention.sdpa_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
 
-    register_backend("picky", picky)
+    register_backend(Backend("picky", picky))
     q, k, v = qkv()
     ctx = AttentionContext(grid=(3, 2, 4), num_cond_tokens=8, options=AttentionOptions(backend="picky"))
     dense = dispatch_attention(
@@ -156,43 +164,67 @@ def test_declining_backend_serves_other_calls(caplog):
     assert sum("declined" in r.getMessage() for r in caplog.records) == 1
 
 
+def _candidate(name: str, attend=attention.sdpa_backend, is_available=lambda: True) -> Backend:
+    # A backend that asks to be chosen by "auto" on CUDA for multi-frame grids, as the block-sparse
+    # one does; any name works, the seam knows none.
+    return Backend(name, attend, is_available, auto=True, device_types=("cuda",), min_frames=2)
+
+
 def test_auto_picks_sdpa_on_cpu_and_logs_each_reason_once(caplog):
     q, k, v = qkv()
     ctx = AttentionContext(grid=(3, 2, 4), options=AttentionOptions(backend="auto"))
     with caplog.at_level(logging.INFO, logger=LOGGER):
         dispatch_attention(q, k, v, ctx)
         dispatch_attention(q, k, v, ctx)
-        register_backend("block_sparse", lambda q, k, v, **kw: pytest.fail("must not run on CPU"))
+        register_backend(_candidate("tiled", lambda q, k, v, **kw: pytest.fail("must not run on CPU")))
         dispatch_attention(q, k, v, ctx)
         dispatch_attention(q, k, v, ctx)
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert messages == [
-        "attention backend 'auto' -> 'sdpa': block_sparse is not registered",
-        "attention backend 'auto' -> 'sdpa': block_sparse needs CUDA tensors, these are on cpu",
+        "attention backend 'auto' -> 'sdpa': no backend is a candidate for auto",
+        "attention backend 'auto' -> 'sdpa': tiled needs cuda tensors, these are on cpu",
     ]
 
 
-def test_auto_rule_prefers_block_sparse_on_cuda_for_multi_frame_grids():
-    register_backend("block_sparse", attention.sdpa_backend)
+def test_auto_rule_prefers_a_candidate_on_cuda_for_multi_frame_grids():
+    register_backend(_candidate("tiled"))
+    register_backend(Backend("plain", attention.sdpa_backend))  # not a candidate: never picked by auto
     cuda_like = torch.empty(0, device="meta")  # device type is all the rule reads
     opts = AttentionOptions(backend="auto")
     assert attention.select_backend(opts, cuda_like, (2, 4, 4), (3, 4, 4)) == "sdpa"  # not CUDA
     fake = type("FakeCuda", (), {"device": torch.device("cuda", 0)})()
-    assert attention.select_backend(opts, fake, (2, 4, 4), (3, 4, 4)) == "block_sparse"
+    assert attention.select_backend(opts, fake, (2, 4, 4), (3, 4, 4)) == "tiled"
     assert attention.select_backend(opts, fake, (1, 4, 4), (1, 4, 4)) == "sdpa"  # single frame
-    register_backend("block_sparse", attention.sdpa_backend, lambda: False)
+    # Asked by name, a single-frame call still goes to SDPA (min_frames), a multi-frame one does not.
+    named = AttentionOptions(backend="tiled")
+    assert attention.select_backend(named, fake, (1, 4, 4), (1, 4, 4)) == "sdpa"
+    assert attention.select_backend(named, fake, (2, 4, 4), (2, 4, 4)) == "tiled"
+    register_backend(_candidate("tiled", is_available=lambda: False))
     assert attention.select_backend(opts, fake, (2, 4, 4), (3, 4, 4)) == "sdpa"  # unavailable
+
+
+def test_backends_check_the_options_they_read():
+    def refuse_odd_chunks(options: AttentionOptions) -> None:
+        if any(c % 2 for c in options.chunk):
+            raise ValueError("chunk entries must be even")
+
+    register_backend(Backend("even", attention.sdpa_backend, check_options=refuse_odd_chunks))
+    assert attention.check_options(AttentionOptions(chunk=(2, 4, 8))).chunk == (2, 4, 8)
+    with pytest.raises(ValueError, match="must be even"):
+        attention.check_options(AttentionOptions(chunk=(3, 4, 8)))
+    with pytest.raises(TypeError, match="pass an attention.Backend"):
+        register_backend(attention.sdpa_backend)
 
 
 def test_unknown_and_unavailable_backends_are_clear_errors():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="no such backend.*known"):
         dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), options=AttentionOptions(backend="nope")))
-    register_backend("absent", attention.sdpa_backend, lambda: False)
+    register_backend(Backend("absent", attention.sdpa_backend, lambda: False))
     with pytest.raises(RuntimeError, match="not available"):
         dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), options=AttentionOptions(backend="absent")))
     with pytest.raises(ValueError, match="cannot be replaced"):
-        register_backend("sdpa", attention.sdpa_backend)
+        register_backend(Backend("sdpa", attention.sdpa_backend))
 
 
 @pytest.mark.skipif(attention.xformers_available(), reason="xformers is installed")
@@ -213,21 +245,15 @@ class _FakeEntryPoint:
 
 
 def test_entry_point_backends_are_discovered_lazily_and_bad_ones_skipped(monkeypatch, caplog):
-    class ClassBackend:
-        def is_available(self):
-            return True
-
-        def __call__(self, q, k, v, *, q_grid, kv_grid, options):
-            return -attention.sdpa_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
-
-    def fn_backend(q, k, v, **kwargs):
-        return torch.zeros_like(q)
+    def negated(q, k, v, *, q_grid, kv_grid, options):
+        return -attention.sdpa_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
 
     fake_eps = [
-        _FakeEntryPoint("from_class", ClassBackend),
-        _FakeEntryPoint("from_function", fn_backend),
+        _FakeEntryPoint("negated", Backend("negated", negated)),
+        # An entry point names a Backend: a bare function, a wrong name or a failing import is skipped.
+        _FakeEntryPoint("bare_function", negated),
+        _FakeEntryPoint("misnamed", Backend("other_name", negated)),
         _FakeEntryPoint("broken_import", error=ImportError("no module named fake")),
-        _FakeEntryPoint("not_callable", 42),
     ]
     seen_groups = []
 
@@ -240,15 +266,13 @@ def test_entry_point_backends_are_discovered_lazily_and_bad_ones_skipped(monkeyp
     q, k, v = qkv()
     dense = attention.sdpa_backend(q, k, v, q_grid=(3, 2, 4), kv_grid=(3, 2, 4), options=AttentionOptions())
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        out = dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), options=AttentionOptions("from_class")))
+        out = dispatch_attention(q, k, v, AttentionContext(grid=(3, 2, 4), options=AttentionOptions("negated")))
         names = attention.registered_backends()
     assert seen_groups == ["simpletuner.attention_backends"]  # scanned once
     torch.testing.assert_close(out, -dense)
-    assert (
-        names["from_class"] and names["from_function"] and "broken_import" not in names and "not_callable" not in names
-    )
+    assert names["negated"] and not {"bare_function", "misnamed", "other_name", "broken_import"} & set(names)
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
-    assert len(skipped) == 2
+    assert len(skipped) == 3
 
 
 # -- cross-attention ---------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 import torch
 from test_transformer import i2v_timesteps, inputs, run, tiny_model
 
-from simpletuner_longcat_video import attention, attention_bsa
+from simpletuner_longcat_video.core import attention, attention_bsa
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ def block_sparse_forced_available():
     # On a CPU machine the backend reports itself unavailable; pretend Triton compiled so the
     # launch itself is what fails, as it would on a GPU whose driver rejects the kernel.
     attention.load_entry_point_backends()
-    attention.register_backend("block_sparse", attention_bsa.BACKEND, is_available=lambda: True)
+    attention.register_backend(dataclasses.replace(attention_bsa.BACKEND, is_available=lambda: True))
     attention.reset_backend_state()
     yield
     attention.unregister_backend("block_sparse")
@@ -47,7 +48,7 @@ def test_kernel_launch_failure_falls_back_to_sdpa_with_identical_output(
     model.set_attention_options(backend="sdpa")
     expected = run(model, x, t, y, mask, ncl=1)
     model.set_attention_options(backend="block_sparse", sparsity=0.0)
-    with caplog.at_level(logging.INFO, logger="simpletuner_longcat_video.attention"):
+    with caplog.at_level(logging.INFO, logger="simpletuner_longcat_video.core.attention"):
         first = run(model, x, t, y, mask, ncl=1)
         second = run(model, x, t, y, mask, ncl=1)
     assert launches == [1]  # retired after the first failure, never relaunched

@@ -23,12 +23,13 @@ from conftest import run_python
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from simpletuner_longcat_video import plugin, spec
-from simpletuner_longcat_video.data import check_datasets, check_training_config, prepare_datasets
+from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.core.pipeline import check_video_size, load_pipeline
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import LongCatVideo
-from simpletuner_longcat_video.pipeline import check_video_size, load_pipeline
-from simpletuner_longcat_video.tiny import build_tiny_dataset, synthetic_clip, write_video
+from simpletuner_longcat_video.host import discovery
+from simpletuner_longcat_video.host.datasets import check_datasets, check_training_config, prepare_datasets
+from simpletuner_longcat_video.host.family import LongCatVideo
+from simpletuner_longcat_video.testing.tiny import build_tiny_dataset, synthetic_clip, write_video
 
 
 def assert_named(error: BaseException, *, where: str, value: str, rule: str, fix: str) -> None:
@@ -460,8 +461,8 @@ def test_is_i2v_set_twice_differently_row(paired, tmp_path):
 
 
 def test_block_sparse_without_cuda_row(monkeypatch):
-    from simpletuner_longcat_video import attention_bsa
-    from simpletuner_longcat_video.family import attention_options_from_config
+    from simpletuner_longcat_video.core import attention_bsa
+    from simpletuner_longcat_video.host.settings import attention_options_from_config
 
     monkeypatch.setattr(attention_bsa.torch.cuda, "is_available", lambda: False)
     error = refusal(attention_options_from_config, SimpleNamespace(attention_implementation="block_sparse"))
@@ -586,7 +587,7 @@ def test_host_version_outside_range_row():
     fake = SimpleNamespace(
         requires=["simpletuner>=4.11,<4.12"], metadata={"Name": "simpletuner-longcat-video"}, version="9.9.9"
     )
-    message = plugin._check_host_version(fake)
+    message = discovery._check_host_version(fake)
     assert message is not None
     assert "plugin simpletuner-longcat-video 9.9.9" in message  # where: the plugin and its requirement
     assert f"simpletuner {installed} is installed" in message  # value
@@ -594,28 +595,25 @@ def test_host_version_outside_range_row():
     assert "pip install 'simpletuner<4.12,>=4.11'" in message  # fix
 
 
-def test_host_version_outside_range_skips_the_family_in_a_real_registry(tmp_path):
-    # A distribution that declares an older host: the real registry start-up refuses its family.
-    dist = tmp_path / "old_longcat-0.0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: old-longcat\nVersion: 0.0.1\nRequires-Dist: simpletuner<4.0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        f"[{plugin.FAMILY_GROUP}]\nold_longcat = simpletuner_longcat_video.family:LongCatVideo\n"
-    )
+def test_host_version_outside_range_skips_the_family_in_a_real_registry():
+    # The installed host reports a version outside the declared range: the real registry start-up
+    # refuses the family and says why.
     code = textwrap.dedent(
         """
+        import importlib.metadata as metadata
+        real_version = metadata.version
+        metadata.version = lambda name: "4.20.0" if name == "simpletuner" else real_version(name)
         from simpletuner.helpers.models.registry import ModelRegistry
-        print("listed:", "old_longcat" in ModelRegistry.model_families())
+        from simpletuner_longcat_video.host import discovery
+        print("ours:", "longcat_video" in discovery.STATE.targets)
         """
     )
-    result = run_python(code, PYTHONPATH=str(tmp_path))
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
-    assert "listed: False" in result.stdout
-    line = next(line for line in result.stderr.splitlines() if "old-longcat 0.0.1" in line)
-    assert "entry point 'old_longcat = simpletuner_longcat_video.family:LongCatVideo'" in line
-    assert "supports simpletuner<4.0" in line and "pip install 'simpletuner<4.0'" in line
+    assert "ours: False" in result.stdout
+    line = next(line for line in result.stderr.splitlines() if "simpletuner-longcat-video 0.1.0:" in line)
+    assert "entry point 'longcat_video = simpletuner_longcat_video.host.family:LongCatVideo'" in line
+    assert "but simpletuner 4.20.0 is installed" in line and "pip install 'simpletuner<4.11,>=4.10.1'" in line
     assert "the host continues without it" in line
 
 

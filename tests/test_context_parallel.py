@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 lets the block-sparse Triton kernels run on the CPU inside th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +20,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from simpletuner_longcat_video.context_parallel import frame_counts
+from simpletuner_longcat_video.core.context_parallel import frame_counts
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import check_context_parallel_config
+from simpletuner_longcat_video.host.settings import check_context_parallel_config
 
 HERE = Path(__file__).resolve().parent
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -65,16 +66,16 @@ def _worker_main(out_path: str) -> None:
     import torch.distributed as dist
     from test_transformer import TINY, i2v_timesteps, inputs, seeded_init
 
-    from simpletuner_longcat_video import attention, attention_bsa
-    from simpletuner_longcat_video.context_parallel import FrameShard
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core import attention, attention_bsa
+    from simpletuner_longcat_video.core.context_parallel import FrameShard
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     group = dist.group.WORLD
     # On the CPU the Triton backend reports itself unavailable; under TRITON_INTERPRET=1 it runs.
     attention.load_entry_point_backends()
-    attention.register_backend("block_sparse", attention_bsa.BACKEND, is_available=lambda: True)
+    attention.register_backend(dataclasses.replace(attention_bsa.BACKEND, is_available=lambda: True))
     results: dict[str, object] = {}
 
     def step(model, x, t, y, mask, ncl, weight):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simpletuner_longcat_video import data_files
-from simpletuner_longcat_video.tiny import synthetic_clip, write_video
+from simpletuner_longcat_video.host import dataset_files as data_files
+from simpletuner_longcat_video.testing.tiny import synthetic_clip, write_video
 
 
 def _picture(seed: int, height: int = 48, width: int = 64) -> np.ndarray:

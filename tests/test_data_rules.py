@@ -10,19 +10,19 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from simpletuner_longcat_video.data import (
+from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.host.dataset_files import ClipInfo, LeftOut
+from simpletuner_longcat_video.host.datasets import (
     START_FRAMES_FOLDER,
     check_datasets,
-    check_frames,
     check_training_config,
     describe_clip_processing,
     has_validation_start_images,
     parse_resolutions,
     prepare_datasets,
 )
-from simpletuner_longcat_video.data_files import ClipInfo, LeftOut
-from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.tiny import build_tiny_dataset
+from simpletuner_longcat_video.spec import check_frames
+from simpletuner_longcat_video.testing.tiny import build_tiny_dataset
 
 
 class Metadata:
@@ -135,13 +135,13 @@ START = [{"path": "/data/start.png", "prompt": "a red square slides"}]
 
 def test_a_validation_size_off_the_bucket_grid_is_said(caplog):
     """832x480 (LongCat-Video's 480p) is not on the 64 px grid: training would use 832x512."""
-    with caplog.at_level("WARNING", logger="simpletuner_longcat_video.data"):
+    with caplog.at_level("WARNING", logger="simpletuner_longcat_video.host.datasets"):
         check_training_config(SimpleNamespace(aspect_bucket_alignment=64, validation_resolution="832x480"))
     (record,) = caplog.records
     assert "832x480 is not on the 64 px bucket grid" in record.getMessage()
     assert "832x512" in record.getMessage() and "aspect_bucket_alignment to 16" in record.getMessage()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="simpletuner_longcat_video.data"):
+    with caplog.at_level("WARNING", logger="simpletuner_longcat_video.host.datasets"):
         check_training_config(SimpleNamespace(aspect_bucket_alignment=16, validation_resolution="832x480"))
         check_training_config(SimpleNamespace(aspect_bucket_alignment=64, validation_resolution="1280x704"))
     assert not caplog.records

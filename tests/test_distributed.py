@@ -25,8 +25,8 @@ import torch
 from conftest import REPO, host_environ, load_demo
 from safetensors.torch import load_file
 
-from simpletuner_longcat_video import faults
-from simpletuner_longcat_video.family import warn_fsdp_inactive
+from simpletuner_longcat_video.host import faults
+from simpletuner_longcat_video.host.settings import warn_fsdp_inactive
 
 slow = pytest.mark.slow
 demo = load_demo()

@@ -130,7 +130,7 @@ from simpletuner.helpers.data_backend.config import create_backend_config
 from simpletuner.helpers.data_backend.config_rules import _validate_dataloader_specific
 from simpletuner.cli import create_parser
 from simpletuner.helpers.training.validation import parse_validation_resolution
-from simpletuner_longcat_video.data import check_training_config
+from simpletuner_longcat_video.host.datasets import check_training_config
 
 def attempt(call):
     err = io.StringIO()
@@ -486,19 +486,41 @@ def test_readme_links_every_doc():
     assert not missing, f"README.md does not link {missing}"
 
 
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent is a module, not a package
+        return False
+
+
+def _package_object(token: str) -> object | None:
+    """``token`` (``core.attention.Backend``, ``spec.FRAME_RULE``) resolved in the package, or None if
+    its first part names no module or subpackage of it."""
+    root = REPO / "src" / PACKAGE
+    heads = {path.stem for path in root.glob("*.py")} | {path.name for path in root.iterdir() if path.is_dir()}
+    heads |= {"kernels"}
+    parts = token.split(".")
+    if parts[0] not in heads or len(parts) < 2 or token.endswith(".py"):
+        return None
+    cut = 1
+    while cut < len(parts) and _is_module(f"{PACKAGE}.{'.'.join(parts[: cut + 1])}"):
+        cut += 1
+    obj = importlib.import_module(f"{PACKAGE}.{'.'.join(parts[:cut])}")
+    for attr in parts[cut:]:
+        assert hasattr(obj, attr), f"`{token}`: {obj.__name__} has no {attr}"
+        obj = getattr(obj, attr)
+    return obj
+
+
 def test_named_package_objects_exist():
-    modules = {path.stem for path in (REPO / "src" / PACKAGE).glob("*.py")} | {"kernels"}
     checked = 0
     for path in NAMED_DOCS:
         for token in _named(path):
-            head, _, rest = token.partition(".")
-            if head not in modules or not rest or token.endswith(".py"):
-                continue
-            obj = importlib.import_module(f"{PACKAGE}.{head}")
-            for attr in rest.split("."):
-                assert hasattr(obj, attr), f"{_rel(path)} names `{token}`: {PACKAGE}.{head} has no {rest}"
-                obj = getattr(obj, attr)
-            checked += 1
+            try:
+                found = _package_object(token)
+            except AssertionError as error:
+                raise AssertionError(f"{_rel(path)} names {error}") from None
+            checked += found is not None
     assert checked >= 30
 
 

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 from conftest import REPO, run_python
 
-from simpletuner_longcat_video.data import check_frames, check_training_config
+from simpletuner_longcat_video.host.datasets import check_training_config
+from simpletuner_longcat_video.spec import check_frames
 
 CONFIG = json.loads((REPO / "examples" / "config.json").read_text())
 DATASETS = json.loads((REPO / "examples" / "multidatabackend.json").read_text())
@@ -60,7 +61,7 @@ args = [f"--{{key}}={{value}}" for key, value in config.items() if not isinstanc
 args += [f"--{{key}}" for key, value in config.items() if value is True]
 parsed, unknown = get_argument_parser().parse_known_args(args)
 print("UNKNOWN", unknown)
-from simpletuner_longcat_video.family import apply_flow_shift_default
+from simpletuner_longcat_video.host.settings import apply_flow_shift_default
 apply_flow_shift_default(parsed)
 print("SHIFT", parsed.flow_schedule_shift, "ATTN", parsed.attention_implementation)
 user, _ = get_argument_parser().parse_known_args(args + ["--flow_schedule_shift=3.0"])

@@ -19,17 +19,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_lora_formats import ALPHA, RANK, forward, merged, trained_lora_file
 
-from simpletuner_longcat_video import lora_formats as lf
 from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.tiny import build_tiny_distill_lora
-from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+from simpletuner_longcat_video.lora import formats as lf
+from simpletuner_longcat_video.testing.tiny import build_tiny_distill_lora
 
 
 def export(*args: str) -> subprocess.CompletedProcess[str]:
     """The command as a user runs it: a fresh interpreter of the project environment."""
     return subprocess.run(
-        [sys.executable, "-m", "simpletuner_longcat_video.export_lora", *args],
+        [sys.executable, "-m", "simpletuner_longcat_video.lora.export", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -156,7 +156,7 @@ def test_host_parser_accepts_the_preview_key():
 
 def preview_family(pipeline, path: Path | None):
     """Our family class with just the state its preview hooks read (the host builds the rest)."""
-    from simpletuner_longcat_video.family import LongCatVideo
+    from simpletuner_longcat_video.host.family import LongCatVideo
 
     family = LongCatVideo.__new__(LongCatVideo)
     family.config = SimpleNamespace(
@@ -185,7 +185,7 @@ def host_kwargs() -> dict:
 def test_preview_samples_16_steps_at_guidance_1_with_the_lora_applied_only_during_the_call(
     tiny_checkpoint, distill_checkpoint, trained, caplog
 ):
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     pipe = load_pipeline(str(tiny_checkpoint))
     pipe.load_lora_weights(str(trained))  # the adapter being trained
@@ -207,7 +207,7 @@ def test_preview_samples_16_steps_at_guidance_1_with_the_lora_applied_only_durin
         return pipeline(**(call_kwargs | {"output_type": "latent"}))
 
     # The plugin's loggers do not propagate to the root (the host configures its own), so listen directly.
-    pipeline_logger = logging.getLogger("simpletuner_longcat_video.pipeline")
+    pipeline_logger = logging.getLogger("simpletuner_longcat_video.core.pipeline")
     pipeline_logger.addHandler(caplog.handler)
     try:
         result = family.run_multistage_validation(kwargs, host_call)

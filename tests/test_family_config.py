@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from simpletuner_longcat_video import plugin, spec
+from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import attention_options_from_config
+from simpletuner_longcat_video.host import patches
+from simpletuner_longcat_video.host.settings import attention_options_from_config
 
 
 def config(**values):
@@ -22,7 +23,7 @@ def test_defaults_are_upstream_block_sparse_settings():
 
 
 def test_keys_reach_the_options(monkeypatch):
-    from simpletuner_longcat_video import attention_bsa
+    from simpletuner_longcat_video.core import attention_bsa
 
     # As on a machine with CUDA and Triton (block_sparse is refused without them: test_bad_inputs).
     monkeypatch.setattr(attention_bsa, "prerequisites", lambda: attention_bsa.Availability(True, "test"))
@@ -47,10 +48,13 @@ def test_keys_reach_the_options(monkeypatch):
     [
         ("attention_implementation", "flash", "must be one of"),
         ("longcat_bsa_chunk", "4,4", "three positive integers"),
-        ("longcat_bsa_chunk", "3,3,3", "power of two from 16 to 256"),
+        ("longcat_bsa_chunk", "3,3,3", "power of two in [16, 256]"),
+        ("longcat_bsa_chunk", "0,4,8", "every entry must be a positive int"),
         ("longcat_bsa_chunk", "a,b,c", "three positive integers"),
-        ("longcat_bsa_sparsity", 1.0, "must lie in [0, 1)"),
-        ("longcat_bsa_cdf_threshold", 0.0, "must lie in (0, 1]"),
+        ("longcat_bsa_sparsity", 1.5, "in [0, 1]"),
+        ("longcat_bsa_sparsity", -0.1, "in [0, 1]"),
+        ("longcat_bsa_sparsity", "lots", "in [0, 1]"),
+        ("longcat_bsa_cdf_threshold", 0.0, "in (0, 1]"),
     ],
 )
 def test_bad_values_are_named(key, value, rule):
@@ -84,7 +88,7 @@ def test_host_parser_carries_plugin_keys():
     )
     assert unknown == [] and args.attention_implementation == "xformers" and args.longcat_bsa_chunk == "4,4,8"
     assert args.longcat_bsa_sparsity == 0.875 and args.longcat_bsa_cdf_threshold is None
-    assert args.longcat_compile_blocks == "false" and type(args.flow_schedule_shift) is plugin.HostDefault
+    assert args.longcat_compile_blocks == "false" and type(args.flow_schedule_shift) is patches.HostDefault
     numbers, _ = parser.parse_known_args([*required, "--longcat_bsa_cdf_threshold=0.9", "--longcat_bsa_sparsity=0.5"])
     assert (numbers.longcat_bsa_cdf_threshold, numbers.longcat_bsa_sparsity) == (0.9, 0.5)
     with pytest.raises((SystemExit, argparse.ArgumentError)):
@@ -97,7 +101,7 @@ def test_plugin_keys_are_fields_of_the_host_registry():
     # The one source of the host's parser and its WebUI forms; shown for this family only.
     from simpletuner.simpletuner_sdk.server.services.field_registry import field_registry
 
-    from simpletuner_longcat_video.fields import register_fields
+    from simpletuner_longcat_video.host.fields import register_fields
 
     for option in spec.CONFIG_OPTIONS:
         field = field_registry.get_field(option.name)

@@ -26,8 +26,8 @@ import torch
 from conftest import REPO, load_demo
 from safetensors.torch import load_file, save_file
 
-from simpletuner_longcat_video import faults
 from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.host import faults
 
 slow = pytest.mark.slow
 demo = load_demo()
@@ -204,16 +204,19 @@ def test_latent_check_leaves_other_families_and_finite_latents_alone(registered_
         served.append(list(filepaths))
         return [registered_cache.retrieve_from_cache(fp) for fp in filepaths]
 
+    from simpletuner_longcat_video.host import patches
+    from simpletuner_longcat_video.host.family import LongCatVideo
+
     collate = SimpleNamespace(compute_latents=host_fetch)
-    faults.install_latent_check(collate)
-    faults.install_latent_check(collate)  # idempotent: the hook may fire once per import
+    patches.check_cached_latents(collate)
+    patches.check_cached_latents(collate)  # idempotent: the hook may fire once per import
     assert collate.compute_latents is not host_fetch
 
     class OtherFamily:
         pass
 
-    class CheckedFamily:
-        CHECKS_CACHED_LATENTS = True
+    def CheckedFamily() -> LongCatVideo:
+        return object.__new__(LongCatVideo)  # the check keys on the class; nothing else is read
 
     for model in (OtherFamily(), CheckedFamily()):
         (out,) = collate.compute_latents(["/data/clips/clip_007.mp4"], "faults-unit", model)

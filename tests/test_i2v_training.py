@@ -107,7 +107,7 @@ def test_validation_video_is_image_to_video_with_the_configured_frames(trained):
 def test_lora_weights_reload_and_change_the_pipeline_output(trained):
     from safetensors.torch import load_file
 
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     workdir, code, _, result = trained
     assert code == 0 and result["lora"] is not None
@@ -202,7 +202,7 @@ def test_validation_starts_from_the_eval_split_start_frame_and_saves_it(trained)
 
 
 def test_validation_latent_frame_0_is_the_vae_draw_of_that_start_image(trained):
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     workdir, code, _, _ = trained
     assert code == 0

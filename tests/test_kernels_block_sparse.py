@@ -20,15 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from simpletuner_longcat_video.kernels import (
+from simpletuner_longcat_video.kernels.block_sparse import (
     BlockSparseArgumentError,
-    ChunkLayout,
     block_sparse_attention,
     block_sparse_mask,
     block_sparse_reference,
-    token_blocks,
-    topk_count,
 )
+from simpletuner_longcat_video.kernels.selection import ChunkLayout, token_blocks, topk_count
 
 TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}
 

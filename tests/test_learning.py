@@ -3,10 +3,10 @@
 Each test trains a LoRA on the demo's checkpoint, learning dataset and config with the host's
 per-step code (tests/_learning_run.py: the host's ``prepare_batch`` and ``loss`` around our
 family hooks, in this process, so that six trainings fit the suite's budget) and then runs the
-learning check (``simpletuner_longcat_video.learning``). Unchanged, the LoRA lowers the latent
+learning check (``simpletuner_longcat_video.testing.learning``). Unchanged, the LoRA lowers the latent
 error by ``THRESHOLD`` or more (the same check the demo's real host run passes in
 test_i2v_training.py); with one piece of the I2V batch broken inside
-``simpletuner_longcat_video.family`` (tests/fault_injection/learning_mutations.py), it does not.
+``simpletuner_longcat_video.host.family`` (tests/fault_injection/learning_mutations.py), it does not.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from _learning_run import train_and_check
 from conftest import load_demo
 from fault_injection import learning_mutations
 
-from simpletuner_longcat_video import family
-from simpletuner_longcat_video.learning import training_pairs
+from simpletuner_longcat_video.host import family
+from simpletuner_longcat_video.testing.learning import training_pairs
 
 pytestmark = pytest.mark.slow
 demo = load_demo()

@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from simpletuner_longcat_video import lora_formats as lf
+from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.tiny import DISTILL_LORA_MODULES, build_tiny_distill_lora
-from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
+from simpletuner_longcat_video.lora import formats as lf
+from simpletuner_longcat_video.testing.tiny import DISTILL_LORA_MODULES, build_tiny_distill_lora
 
 RANK, ALPHA = 4, 8.0  # scale 2: a file that ignored alpha would merge half the change
 
@@ -29,7 +29,7 @@ def trained_lora_file(tiny_checkpoint: Path, folder: Path, *, rank: int = RANK, 
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from simpletuner_longcat_video.pipeline import LongCatVideoPipeline
+    from simpletuner_longcat_video.core.pipeline import LongCatVideoPipeline
 
     model = LongCatVideoTransformer3DModel.from_pretrained(tiny_checkpoint / "dit")
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGET_MODULES)))
@@ -70,7 +70,7 @@ def forward(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_trained_lora_reads_with_its_alpha_and_merges_as_peft_does(tiny_checkpoint, dit, tmp_path):
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     path = trained_lora_file(tiny_checkpoint, tmp_path)
     layers, fmt = lf.read_lora_file(path)
@@ -209,7 +209,7 @@ def test_official_layout_survives_comfyui_and_back(tiny_checkpoint, dit, tmp_pat
 
 
 def test_official_layout_in_our_format_loads_through_diffusers(tiny_checkpoint, dit, tmp_path):
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     root = tmp_path / "ckpt"
     (root / "dit").mkdir(parents=True)
@@ -234,7 +234,7 @@ def test_official_layout_in_our_format_loads_through_diffusers(tiny_checkpoint, 
 
 
 def test_distill_lora_applies_on_top_of_a_trained_adapter_and_leaves_it_intact(tiny_checkpoint, dit, tmp_path):
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     root = tmp_path / "ckpt"
     (root / "dit").mkdir(parents=True)

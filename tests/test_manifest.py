@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import tomllib
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 import pytest
 
 import simpletuner_longcat_video
-from simpletuner_longcat_video import plugin, spec
+from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.host import discovery
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = "simpletuner-longcat-video"
@@ -17,7 +18,9 @@ DIST = "simpletuner-longcat-video"
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    installed = plugin.read_manifest("simpletuner_longcat_video")
+    installed = tomllib.loads(
+        resources.files("simpletuner_longcat_video").joinpath("plugin_manifest.toml").read_text(encoding="utf-8")
+    )
     source = tomllib.loads((REPO / "plugin_manifest.toml").read_text())
     assert installed == source, "installed manifest differs from the checkout's: reinstall (make install)"
     return source
@@ -45,7 +48,7 @@ def test_host_range_declared_once(manifest, pyproject):
 
 
 def test_family_entry_points_match_manifest_and_spec(manifest):
-    eps = {ep.name: ep.value for ep in metadata.entry_points(group=plugin.FAMILY_GROUP) if ep.dist.name == DIST}
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group=discovery.FAMILY_GROUP) if ep.dist.name == DIST}
     assert eps == {f["name"]: f["class"] for f in manifest["families"]}
     (family,) = manifest["families"]
     assert family["name"] == spec.FAMILY
@@ -55,11 +58,12 @@ def test_family_entry_points_match_manifest_and_spec(manifest):
     assert family["default_flavour"] == spec.DEFAULT_FLAVOUR
     assert family["huggingface_paths"] == spec.FLAVOURS
     assert family["text_encoder"] == spec.TEXT_ENCODER_CLASS
+    assert family["prediction_type"] == spec.PREDICTION_TYPE
 
 
 def test_registered_class_matches_manifest(manifest):
     (family,) = manifest["families"]
-    cls = next(ep for ep in metadata.entry_points(group=plugin.FAMILY_GROUP) if ep.name == family["name"]).load()
+    cls = next(ep for ep in metadata.entry_points(group=discovery.FAMILY_GROUP) if ep.name == family["name"]).load()
     assert cls.NAME == family["display_name"]
     assert cls.get_flavour_choices() == family["flavours"]
     assert cls.DEFAULT_MODEL_FLAVOUR == family["default_flavour"]
@@ -67,20 +71,22 @@ def test_registered_class_matches_manifest(manifest):
     assert cls.PREDICTION_TYPE.value == family["prediction_type"]
     assert sorted(p.value for p in cls.PIPELINE_CLASSES) == sorted(family["pipelines"])
     assert cls.TEXT_ENCODER_CONFIGURATION["text_encoder"]["model"].__name__ == family["text_encoder"]
-    assert cls.MODEL_CLASS.__module__ == "simpletuner_longcat_video.transformer"
+    assert cls.MODEL_CLASS.__module__ == "simpletuner_longcat_video.core.transformer"
 
 
 def test_attention_backend_entry_points_match_manifest(manifest):
-    eps = {ep.name: ep.value for ep in metadata.entry_points(group=plugin.ATTENTION_GROUP) if ep.dist.name == DIST}
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group=discovery.ATTENTION_GROUP) if ep.dist.name == DIST}
     assert eps == {b["name"]: b["object"] for b in manifest["attention_backends"]} == spec.ATTENTION_BACKENDS
-    for ep in metadata.entry_points(group=plugin.ATTENTION_GROUP):
+    for ep in metadata.entry_points(group=discovery.ATTENTION_GROUP):
         if ep.dist.name == DIST:
+            from simpletuner_longcat_video.core.attention import Backend
+
             backend = ep.load()
-            assert callable(backend) and callable(backend.is_available)
+            assert isinstance(backend, Backend) and backend.name == ep.name and callable(backend.attend)
 
 
 def test_kernels_ship_inside_the_installed_package():
-    import simpletuner_longcat_video.kernels as kernels
+    from simpletuner_longcat_video.kernels import block_sparse
 
-    assert "site-packages" in kernels.__file__
-    assert Path(kernels.__file__).parent.parent == Path(simpletuner_longcat_video.__file__).parent
+    assert "site-packages" in block_sparse.__file__
+    assert Path(block_sparse.__file__).parent.parent == Path(simpletuner_longcat_video.__file__).parent

@@ -9,13 +9,19 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import check_block_swap_config, check_compile_config, compile_blocks_requested
-from simpletuner_longcat_video.transformer import (
+from simpletuner_longcat_video.core.transformer import (
     LORA_TARGET_MODULES,
     FP32Linear,
     LongCatVideoTransformer3DModel,
     check_blocks_to_swap,
+)
+from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.host import family  # noqa: F401  (hands SimpleTuner's block swap and offloaded checkpoint to the DiT)
+from simpletuner_longcat_video.host.settings import (
+    check_block_swap_config,
+    check_compile_config,
+    compile_blocks_requested,
+    read_settings,
 )
 
 TINY = dict(hidden_size=64, depth=4, num_heads=4, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=32)
@@ -244,10 +250,14 @@ def test_compile_option_refuses_other_values():
 
 
 def test_compiled_blocks_with_a_quanto_base_are_refused():
-    check_compile_config(SimpleNamespace(longcat_compile_blocks="true", base_model_precision="no_change"))
-    check_compile_config(SimpleNamespace(longcat_compile_blocks="false", base_model_precision="int8-quanto"))
+    def check(compile_blocks: str, precision: str) -> None:
+        config = SimpleNamespace(longcat_compile_blocks=compile_blocks, base_model_precision=precision)
+        check_compile_config(config, read_settings(config))
+
+    check("true", "no_change")
+    check("false", "int8-quanto")
     with pytest.raises(LongCatVideoError, match=r"longcat_compile_blocks = .*int8-quanto.*cannot trace optimum-quanto"):
-        check_compile_config(SimpleNamespace(longcat_compile_blocks="true", base_model_precision="int8-quanto"))
+        check("true", "int8-quanto")
 
 
 def test_block_swap_brings_the_lora_of_swapped_blocks_to_the_compute_device():

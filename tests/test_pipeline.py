@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from simpletuner_longcat_video.core.pipeline import cfg_zero, check_video_size, normalize_latents
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.pipeline import cfg_zero, check_video_size, normalize_latents
-from simpletuner_longcat_video.tiny import synthetic_clip
+from simpletuner_longcat_video.testing.tiny import synthetic_clip
 
 SIZE = dict(height=64, width=64, num_frames=9)
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 from conftest import run_python
 
-from simpletuner_longcat_video import plugin
+from simpletuner_longcat_video.host import discovery
 
-OURS = "simpletuner_longcat_video.family:LongCatVideo"
+OURS = "simpletuner_longcat_video.host.family:LongCatVideo"
 
 
 def test_interpreter_start_loads_only_the_hook():
@@ -18,7 +18,7 @@ def test_interpreter_start_loads_only_the_hook():
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout))
     assert "simpletuner_longcat_video._autoload" in loaded, "the .pth hook did not run"
-    for heavy in ("torch", "simpletuner", "simpletuner_longcat_video.plugin", "importlib.metadata"):
+    for heavy in ("torch", "simpletuner", "simpletuner_longcat_video.host.discovery", "importlib.metadata"):
         assert heavy not in loaded, f"{heavy} imported at interpreter start"
 
 
@@ -55,58 +55,61 @@ def test_registry_prefers_plugin_even_after_builtin_module_import():
     assert "replaces the built-in simpletuner.helpers.models.longcat_video.model:LongCatVideo" in active_lines[0]
 
 
-def _write_broken_plugin(root) -> None:
-    dist = root / "broken_plugin-0.0.1.dist-info"
+# Makes the family module fail at import, as a broken install would: its spec resolves (so the
+# family is registered, lazily), executing it raises.
+BREAK_FAMILY = """
+import importlib.abc, importlib.machinery, sys
+class _Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name == "simpletuner_longcat_video.host.family":
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise RuntimeError("boom at import")
+sys.meta_path.insert(0, _Broken())
+"""
+
+
+def _write_other_plugin(root) -> None:
+    # Another distribution declaring a family in the same group: its business, not ours.
+    dist = root / "other_plugin-0.0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[simpletuner.model_families]\n"
-        "missing_family = broken_plugin_nowhere.model:Family\n"
-        "eager_family = broken_plugin_eager:Family\n"
-        "raising_family = broken_plugin_raises.model:Family\n"
-    )
-    # Without a manifest entry the class is loaded at registration, so its failure shows there.
-    (root / "broken_plugin_eager.py").write_text("raise RuntimeError('boom in eager import')\n")
-    # With a manifest entry registration is lazy, so the failure shows when the family is used.
-    package = root / "broken_plugin_raises"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "model.py").write_text("raise RuntimeError('boom at import')\n")
-    (package / "plugin_manifest.toml").write_text(
-        '[[families]]\nname = "raising_family"\ndisplay_name = "Raising"\n'
-        'class = "broken_plugin_raises.model:Family"\nflavours = ["x"]\n'
-    )
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: other-plugin\nVersion: 0.0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{discovery.FAMILY_GROUP}]\nother_family = other_plugin_nowhere:Family\n")
 
 
-def test_broken_plugin_leaves_host_usable(tmp_path):
-    _write_broken_plugin(tmp_path)
-    code = textwrap.dedent(
+def test_broken_family_module_leaves_host_usable_and_other_packages_alone(tmp_path):
+    _write_other_plugin(tmp_path)
+    code = BREAK_FAMILY + textwrap.dedent(
         """
         import json
         from simpletuner.helpers.models.registry import ModelRegistry
+        from simpletuner_longcat_video.host import discovery
         families = ModelRegistry.model_families()
         # The host's WebUI field registry reads class attributes of every family at import.
         import simpletuner.simpletuner_sdk.server.services.field_registry  # noqa: F401
         try:
-            families["raising_family"]("config", "accelerator")
+            families["longcat_video"]("config", "accelerator")
             used = "no error"
         except Exception as exc:
             used = f"{type(exc).__name__}: {exc}"
-        print(json.dumps({"families": sorted(families), "used": used}))
+        print(json.dumps({"families": sorted(families), "flux": ModelRegistry.get("flux").__name__, "used": used,
+                          "targets": sorted(discovery.STATE.targets)}))
         """
     )
     result = run_python(code, PYTHONPATH=str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "longcat_video" in report["families"] and "flux" in report["families"]
-    assert "missing_family" not in report["families"] and "eager_family" not in report["families"]
-    assert "raising_family" in report["families"]
-    assert report["used"].startswith("PluginLoadError: plugin broken-plugin 0.0.1")
-    assert "boom at import" in report["used"]
+    assert "longcat_video" in report["families"] and report["flux"]
+    assert "other_family" not in report["families"] and report["targets"] == ["longcat_video"]
+    assert report["used"].startswith("PluginLoadError: plugin simpletuner-longcat-video 0.1.0"), report["used"]
+    assert (
+        "boom at import" in report["used"] and "uninstall it to get the host's built-in family back" in report["used"]
+    )
     errors = [line for line in result.stderr.splitlines() if "[ERROR]" in line]
-    assert any("broken-plugin 0.0.1" in e and "missing_family" in e and "broken_plugin_nowhere" in e for e in errors)
-    assert any("broken-plugin 0.0.1" in e and "eager_family" in e and "boom in eager import" in e for e in errors)
-    assert any("broken-plugin 0.0.1" in e and "raising_family" in e and "boom at import" in e for e in errors)
+    assert any("simpletuner-longcat-video" in e and "boom at import" in e for e in errors), result.stderr[-2000:]
+    assert not any("other" in e for e in errors)
 
 
 def test_host_outside_supported_range_is_named():
@@ -115,9 +118,9 @@ def test_host_outside_supported_range_is_named():
         metadata={"Name": "simpletuner-longcat-video"},
         version="0.1.0",
     )
-    message = plugin._check_host_version(fake)
+    message = discovery._check_host_version(fake)
     assert message is not None
     assert "supports simpletuner<4.0" in message and "4.10.1 is installed" in message
     assert "pip install 'simpletuner<4.0'" in message
     fake.requires = ["simpletuner>=4.10.1,<4.11"]
-    assert plugin._check_host_version(fake) is None
+    assert discovery._check_host_version(fake) is None

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_docs import QUICKSTART, code_blocks
 
-from simpletuner_longcat_video.tiny import write_video
+from simpletuner_longcat_video.testing.tiny import write_video
 
 pytestmark = pytest.mark.slow
 

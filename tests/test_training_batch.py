@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from simpletuner_longcat_video.core.conditioning import apply_i2v_condition, drop_condition_frames
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.family import LongCatVideo
-from simpletuner_longcat_video.training import apply_i2v_condition, drop_condition_frames
+from simpletuner_longcat_video.host.family import LongCatVideo
 
 
 def host_like_batch(batch: int = 2, frames: int = 3, with_condition: bool = True, seed: int = 0) -> dict:

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simpletuner_longcat_video.attention import AttentionOptions
+from simpletuner_longcat_video.core.attention import AttentionOptions
+from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 
 DATA = Path(__file__).parent / "data"
 
@@ -130,18 +130,25 @@ def test_full_size_state_dict_matches_official_key_list():
     assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 48
 
 
-def test_official_config_fields_are_all_constructor_arguments():
+def test_official_config_loads_and_the_model_config_is_architecture_only():
+    from simpletuner_longcat_video.core.transformer import UPSTREAM_RUNTIME_KEYS
+
     _, unused, _ = LongCatVideoTransformer3DModel.extract_init_dict(dict(OFFICIAL_CONFIG))
     assert {k: v for k, v in unused.items() if not k.startswith("_")} == {}
-    # ...and nothing more, so a config we save loads in upstream's class too.
+    # Every official field is either a constructor argument or one of upstream's run-time switches.
     ours = set(inspect.signature(LongCatVideoTransformer3DModel.__init__).parameters) - {"self"}
-    assert ours == set(OFFICIAL_CONFIG) - {"_class_name"}
+    assert ours == set(OFFICIAL_CONFIG) - {"_class_name"} - UPSTREAM_RUNTIME_KEYS
+    assert UPSTREAM_RUNTIME_KEYS <= set(OFFICIAL_CONFIG)
     with torch.device("meta"):
         model = LongCatVideoTransformer3DModel.from_config(OFFICIAL_CONFIG)
     assert model.config.text_tokens_zero_pad is True
-    assert model.attention_options.backend == "auto"  # flash-attention 2 maps to auto (SDPA)
-    assert model.attention_options.chunk == (4, 4, 4)
-    assert model.attention_options.sparsity == 0.9375
+    assert not UPSTREAM_RUNTIME_KEYS & set(model.config)
+    # Attention is run-time state: the config's bsa_params (0.9375, 4x4x4) do not set it.
+    assert model.attention_options == AttentionOptions()
+    model.set_attention_options(sparsity=0.9375, chunk=(4, 4, 4))
+    assert (model.attention_options.sparsity, model.attention_options.chunk) == (0.9375, (4, 4, 4))
+    with pytest.raises(LongCatVideoError, match="power of two in"):
+        model.set_attention_options(chunk=(3, 3, 3))
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
@@ -374,7 +381,7 @@ def test_a_backend_probe_with_autograd_does_not_break_checkpointing(monkeypatch,
     """On the H200 the first checkpointed step raised "A different number of tensors was saved during
     the original forward and recomputation": the block-sparse probe (a forward and backward, asked
     once) ran inside block 0's forward and not in its recomputation."""
-    from simpletuner_longcat_video import attention
+    from simpletuner_longcat_video.core import attention
 
     model = tiny_model().train()
     x, t, y, mask = inputs()
@@ -382,7 +389,7 @@ def test_a_backend_probe_with_autograd_does_not_break_checkpointing(monkeypatch,
     probes: list[int] = []
     backend, probe = _probing_backend(probes)
     monkeypatch.setattr(attention, "_REGISTRY", dict(attention._REGISTRY))
-    attention.register_backend("probing", backend, probe)
+    attention.register_backend(attention.Backend("probing", backend, probe))
     if when == "at set_attention_options":
         model.set_attention_options(backend="probing")
         assert probes == [1]  # asked at setup, outside any forward

@@ -27,7 +27,7 @@ from conftest import REPO, load_demo
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from simpletuner_longcat_video.tiny import synthetic_clip, write_video
+from simpletuner_longcat_video.testing.tiny import synthetic_clip, write_video
 
 pytestmark = pytest.mark.slow
 demo = load_demo()
@@ -151,7 +151,7 @@ def _vae(checkpoint: Path):
 def _encode_start_frame(workdir: Path, path: Path) -> torch.Tensor:
     """The start-frame file's latent as the pipeline encodes a start image: Pillow's pixels in [-1, 1],
     the VAE's mean, normalised."""
-    from simpletuner_longcat_video.pipeline import normalize_latents
+    from simpletuner_longcat_video.core.pipeline import normalize_latents
 
     vae = _vae(workdir / "LongCat-Video-tiny")
     with Image.open(path) as image:

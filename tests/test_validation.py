@@ -16,8 +16,8 @@ from PIL import Image
 from simpletuner.helpers.training import validation as host_validation
 from simpletuner.helpers.training.state_tracker import StateTracker
 
-from simpletuner_longcat_video import family, plugin
 from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.host import family, patches
 
 
 def eval_sample(image: Image.Image | None = None) -> host_validation.ValidationPrompt:
@@ -105,8 +105,8 @@ def test_a_start_image_given_by_path_is_kept(tmp_path, eval_datasets):
 
 def test_the_wrapped_host_function_pairs_only_for_longcat(tmp_path, monkeypatch):
     host = SimpleNamespace(retrieve_validation_images=lambda: ["host samples"])
-    plugin.pair_validation_start_frames(host)
-    plugin.pair_validation_start_frames(host)  # wrapped once, however often the hook runs
+    patches.pair_validation_start_frames(host)
+    patches.pair_validation_start_frames(host)  # wrapped once, however often the hook runs
     monkeypatch.setattr(StateTracker, "get_model", classmethod(lambda cls: object()))
     assert host.retrieve_validation_images() == ["host samples"]
     model = longcat_model(tmp_path)
@@ -137,7 +137,7 @@ def test_video_files_are_named_for_what_they_hold(tmp_path, monkeypatch):
 
     monkeypatch.setattr(StateTracker, "get_global_step", classmethod(lambda cls: 3))
     monkeypatch.setattr(validation_video, "save_videos", validation_video.save_videos)  # undone after the test
-    plugin.name_validation_videos_by_content(validation_video)
+    patches.name_validation_videos_by_content(validation_video)
     config = SimpleNamespace(framerate=8, report_to="none", output_dir=str(tmp_path))
     collage = [Image.new("RGB", (202, 107), (0, 0, 255 - 20 * t)) for t in range(5)]
     bare = [Image.new("RGB", (64, 64), (255, 20 * t, 0)) for t in range(5)]
@@ -174,8 +174,8 @@ def test_without_a_benchmark_the_start_image_is_stitched_beside_every_frame(tmp_
     with pytest.raises(AttributeError, match="size"):  # the host's own function, as shipped
         host.stitch_validation_input_image(video, start, labels=["input", "step 3"])
 
-    plugin.stitch_start_image_beside_each_frame(host_validation.Validation)
-    plugin.stitch_start_image_beside_each_frame(host_validation.Validation)  # wrapped once
+    patches.stitch_start_image_beside_each_frame(host_validation.Validation)
+    patches.stitch_start_image_beside_each_frame(host_validation.Validation)  # wrapped once
     frames = host.stitch_validation_input_image(video, start, labels=["input", "step 3"])
     assert len(frames) == 3 and all(frame.size == (48 + 5 + 64, 64) for frame in frames)
     for t, frame in enumerate(frames):  # the start image on the left, frame t on the right

@@ -29,7 +29,7 @@ from browser import chromium_page, missing_setup
 from conftest import host_environ, load_demo
 
 from simpletuner_longcat_video import spec
-from simpletuner_longcat_video.hostserver import host_server
+from simpletuner_longcat_video.testing.hostserver import host_server
 
 pytestmark = pytest.mark.slow
 

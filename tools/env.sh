@@ -40,8 +40,8 @@ rm -rf "$env_dir"
     "$env_dir/bin/python" -m pip install --quiet --upgrade pip
     "$env_dir/bin/python" -m pip install --quiet -c "$root/constraints.txt" -r "$root/requirements-env.txt"
 )
-# From a neutral folder: the checkout's top-level kernels/ would shadow the PyPI package `kernels`
-# that transformers imports (python reads the script from stdin with the cwd on sys.path).
+# From a neutral folder (python reads the script from stdin with the cwd on sys.path), so nothing in
+# the checkout can stand in for an installed package.
 (cd "${TMPDIR:-/tmp}" && "$env_dir/bin/python" - <<'PY'
 # Fail the build now, not in the first test, if the known-bad combinations slipped in.
 import torchvision.ops  # noqa: F401  (torchvision::nms must register)

@@ -18,12 +18,12 @@ PATH = os.environ.get("LONGCAT_PHASE_PROBE")
 
 # module -> [(attribute path, event name)]
 TARGETS = {
-    "simpletuner_longcat_video.family": [
+    "simpletuner_longcat_video.host.family": [
         ("LongCatVideo.model_predict", "step"),
         ("LongCatVideo.save_lora_weights", "lora_save"),
     ],
-    "simpletuner_longcat_video.pipeline": [("LongCatVideoPipeline.__call__", "sampling")],
-    "simpletuner_longcat_video.transformer": [
+    "simpletuner_longcat_video.core.pipeline": [("LongCatVideoPipeline.__call__", "sampling")],
+    "simpletuner_longcat_video.core.transformer": [
         ("LongCatVideoTransformer3DModel.from_pretrained", "dit_load"),
         # one event pair per DiT call: the per-step sampling time, even from a run cut short
         ("LongCatVideoTransformer3DModel.forward", "dit_forward"),

@@ -1,32 +1,24 @@
 """Interpreter-start hook, executed by ``simpletuner_longcat_video.pth`` in every process.
 
-It installs one meta-path finder that waits for six host modules: right after the model
-registry (``simpletuner.helpers.models.registry``) has executed, the plugin's entry points are
-registered into it; right after the host's field registry
-(``simpletuner.simpletuner_sdk.server.services.field_registry.registry``, the source of both its CLI
-parser and its WebUI forms) has executed, the plugin's config keys are registered there; right after the batch
-collation module (``simpletuner.helpers.training.collate``) has executed, the LongCat-Video
-family's cached latents are checked on their way into a batch and, on a machine without an
-accelerator, collation stops pinning memory (SimpleTuner 4.10.1 pins cached latents
-unconditionally, which raises without a GPU); right after the data backend factory
-(``simpletuner.helpers.data_backend.factory``) has executed, a family gets to read the data
-backend config before any dataset is configured; right after the validation module
-(``simpletuner.helpers.training.validation``) has executed, LongCat-Video's validation from the
-eval split starts from the paired start frames and its video files are named for what they hold;
-right after the CLI package (``simpletuner.cli``) has executed, ``simpletuner train`` gains the
-``--config PATH.json`` option and its ``--help`` lists the plugin's config keys. Until then nothing but ``sys`` is touched, so
-a Python process that never imports SimpleTuner pays only for reading this file (the startup
-benchmark in ``benchmarks/startup.py`` measures it). Set ``SIMPLETUNER_PLUGINS_DISABLE=1`` to
-skip the hook entirely.
+It installs one meta-path finder that waits for the host modules named in :data:`HOOKS`. Right
+after one of them has executed, the function of ``simpletuner_longcat_video.host.patches`` that
+the table names is called with it: the model registry gets the plugin's family, the field
+registry (the source of the host's CLI parser and WebUI forms) its config keys, and the
+collation, data backend factory, validation and CLI modules the patches listed in
+``docs/plugin.md``. This table is the one place the plugin's changes of the host are applied
+from. Until a hooked module loads nothing but ``sys`` is touched, so a Python process that never
+imports SimpleTuner pays only for reading this file (``benchmarks/startup.py`` measures it). Set
+``SIMPLETUNER_PLUGINS_DISABLE=1`` to skip the hook entirely. Standard library only.
 """
 
 import os
 import sys
 
 REGISTRY_MODULE = "simpletuner.helpers.models.registry"
-# host module -> function of simpletuner_longcat_video.plugin called with it once it has executed
+# host module -> function of simpletuner_longcat_video.host.patches called with it once it has executed:
+# the one place the plugin's run-time changes of the host are applied from.
 HOOKS = {
-    REGISTRY_MODULE: "register_entry_points",
+    REGISTRY_MODULE: "register_family",
     "simpletuner.simpletuner_sdk.server.services.field_registry.registry": "extend_host_fields",
     "simpletuner.helpers.training.collate": "extend_host_collate",
     "simpletuner.helpers.data_backend.factory": "extend_host_data_config",
@@ -68,9 +60,9 @@ def on_module_loaded(module) -> None:
     if _fired >= HOOKS.keys():
         uninstall()
     try:
-        from simpletuner_longcat_video import plugin
+        from simpletuner_longcat_video.host import patches
 
-        getattr(plugin, HOOKS[module.__name__])(module)
+        getattr(patches, HOOKS[module.__name__])(module)
     except Exception as exc:  # a broken plugin must never take the host down with it
         sys.stderr.write(
             f"[simpletuner-longcat-video] plugin hook for {module.__name__} failed, the host continues "

@@ -3,21 +3,26 @@
 Everything the plugin states about LongCat-Video (names, flavours, checkpoint layout, frame and
 bucket rules, sampling defaults) lives here as plain data. The host-facing family class, the
 plugin registration and ``plugin_manifest.toml`` all read or are checked against this module, so
-it must stay free of heavy imports.
+it must stay free of heavy imports (the standard library and ``errors`` only). The two shape rules
+every layer applies (:func:`check_frames`, :func:`check_size`) live here with the facts they test.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from simpletuner_longcat_video.errors import LongCatVideoError
+
 FAMILY = "longcat_video"
 DISPLAY_NAME = "LongCat-Video"
 DESCRIPTION = "LongCat-Video image-to-video (and text-to-video) flow-matching transformer, as a plugin"
 FLAVOURS: dict[str, str] = {"final": "meituan-longcat/LongCat-Video"}
 DEFAULT_FLAVOUR = "final"
-FAMILY_CLASS = "simpletuner_longcat_video.family:LongCatVideo"
-ATTENTION_BACKENDS: dict[str, str] = {"block_sparse": "simpletuner_longcat_video.attention_bsa:BACKEND"}
-PIPELINES: tuple[str, ...] = ("img2video", "text2img")  # host PipelineTypes values served by one pipeline
+PREDICTION_TYPE = "flow_matching"
+DISTRIBUTION = "simpletuner-longcat-video"
+# The entry points pyproject.toml declares (tests/test_manifest.py checks it and the manifest against these).
+FAMILY_CLASS = "simpletuner_longcat_video.host.family:LongCatVideo"
+ATTENTION_BACKENDS: dict[str, str] = {"block_sparse": "simpletuner_longcat_video.core.attention_bsa:BACKEND"}
 
 # Official checkpoint layout (HF repo meituan-longcat/LongCat-Video).
 DIT_SUBFOLDER = "dit"
@@ -33,7 +38,6 @@ TEXT_MAX_TOKENS = 512
 LATENT_CHANNELS = 16
 VAE_SPATIAL_COMPRESSION = 8
 VAE_TEMPORAL_COMPRESSION = 4
-PATCH_SIZE = (1, 2, 2)
 NUM_BLOCKS = 48
 NUM_HEADS = 32
 
@@ -79,6 +83,47 @@ class FrameRule:
 
 
 FRAME_RULE = FrameRule()
+
+
+def whole_number(value: object) -> int | None:
+    """``value`` as an int if it is a whole number (int, integral float or digit string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    text = str(value).strip()
+    return int(text) if text.isdecimal() else None
+
+
+def check_frames(value: object, where: str) -> int:
+    """``value`` as a frame count the VAE encodes whole: a positive whole number with (frames - 1) % 4 == 0."""
+    frames = whole_number(value)
+    if frames is None or frames < 1:
+        raise LongCatVideoError(where=where, value=value, rule="must be a positive whole number", fix="use e.g. 93")
+    if not FRAME_RULE.is_valid(frames):
+        below = FRAME_RULE.nearest_valid_below(frames)
+        raise LongCatVideoError(
+            where=where,
+            value=frames,
+            rule="LongCat-Video needs (frames - 1) % 4 == 0 (the VAE keeps frame 1 and compresses the rest 4x)",
+            fix=f"use {below} or {below + 4}",
+        )
+    return frames
+
+
+def check_size(width: int, height: int, where: str, value: object = None) -> None:
+    """Width and height must be positive and divisible by 16 (VAE 8x, patch 2)."""
+    if width <= 0 or height <= 0 or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        grid = BUCKET_ALIGNMENT
+        suggestion = f"{max(grid, round(width / grid) * grid)}x{max(grid, round(height / grid) * grid)}"
+        raise LongCatVideoError(
+            where=where,
+            value=f"{width}x{height}" if value is None else value,
+            rule=f"{width}x{height}: width and height must be divisible by {SIZE_MULTIPLE} (VAE 8x, patch 2)",
+            fix=f"use e.g. {suggestion} (WIDTHxHEIGHT on the {grid} px grid the buckets use)",
+        )
 
 
 def host_requirement() -> str | None:
@@ -129,7 +174,7 @@ CONFIG_OPTIONS = (
         "longcat_bsa_sparsity",
         float,
         0.875,
-        "LongCat-Video block-sparse attention: fraction of key blocks dropped per query block, in [0, 1)",
+        "LongCat-Video block-sparse attention: fraction of key blocks dropped per query block, in [0, 1] (one is always kept)",
         label="LongCat-Video Block-Sparse Sparsity",
         tab="model",
     ),

@@ -1,6 +1,6 @@
 """Test-only mutations of the image-to-video training batch, to show that the learning check catches them.
 
-Each mutation replaces one name in ``simpletuner_longcat_video.family`` (the module whose
+Each mutation replaces one name in ``simpletuner_longcat_video.host.family`` (the module whose
 ``LongCatVideo`` the host calls every step) with a wrapped, broken version of the product's own
 function, so the host's ``prepare_batch`` / ``model_predict`` / ``loss`` path runs unchanged around
 it. ``tests/test_learning.py`` applies them in process. Applied inside a real ``simpletuner
@@ -84,5 +84,5 @@ MUTATIONS: dict[str, Callable[[ModuleType, Setter], None]] = {
 
 
 def apply(name: str, family: ModuleType, setattr_: Setter = setattr) -> None:
-    """Break ``family`` (the imported ``simpletuner_longcat_video.family``) with mutation ``name``."""
+    """Break ``family`` (the imported ``simpletuner_longcat_video.host.family``) with mutation ``name``."""
     MUTATIONS[name](family, setattr_)

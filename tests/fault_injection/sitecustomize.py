@@ -5,12 +5,12 @@ the run (the ``simpletuner`` CLI, ``accelerate launch``, the training worker). E
 unless its environment variable is set:
 
 * ``LONGCAT_FAULT_BSA_FAIL_AT=N`` (tests/test_faults.py): once
-  ``simpletuner_longcat_video.attention_bsa`` has been imported its availability probes say yes
+  ``simpletuner_longcat_video.core.attention_bsa`` has been imported its availability probes say yes
   (this machine has no CUDA for the Triton kernel) and the kernel call it makes is replaced:
   launches 1..N-1 return dense attention, as a working kernel at sparsity 0 would, and launch N
   raises the error a GPU driver gives for a bad launch.
 * ``LONGCAT_RECORD_DIR=<folder>`` (tests/test_i2v_training.py, tests/test_user_data.py): once
-  ``simpletuner_longcat_video.family`` has been imported, every pipeline call writes
+  ``simpletuner_longcat_video.host.family`` has been imported, every pipeline call writes
   ``<folder>/pipeline_call_<n>.pt`` (the start image it was given, the generator's state on entry,
   the latents the DiT sees at its first step, the size, the autocast and VAE dtypes) and every
   training batch, right after the family has put the start frame into it
@@ -54,9 +54,13 @@ def _inject_bsa_failure(module) -> None:
             raise RuntimeError("CUDA error: unspecified launch failure (injected)")
         return F.scaled_dot_product_attention(q, k, v)
 
+    import dataclasses
+
     module.is_available = available
     module.prerequisites = available  # the config-time check for CUDA and Triton
-    module.block_sparse_attention = kernel
+    module.block_sparse_attention = kernel  # looked up by the backend at each call
+    # The Backend record holds its probe; the entry point reads BACKEND after this hook has run.
+    module.BACKEND = dataclasses.replace(module.BACKEND, is_available=available)
 
 
 def _record_calls(family) -> None:
@@ -148,11 +152,11 @@ def _both(first, second):
 
 TARGETS = {}
 if FAIL_AT > 0:
-    TARGETS["simpletuner_longcat_video.attention_bsa"] = _inject_bsa_failure
+    TARGETS["simpletuner_longcat_video.core.attention_bsa"] = _inject_bsa_failure
 if RECORD_DIR:
-    TARGETS["simpletuner_longcat_video.family"] = _record_calls
+    TARGETS["simpletuner_longcat_video.host.family"] = _record_calls
 if PAUSES and PAUSE_DIR:
-    family = "simpletuner_longcat_video.family"  # other parts may hook the family module as well
+    family = "simpletuner_longcat_video.host.family"  # other parts may hook the family module as well
     TARGETS[family] = _both(TARGETS[family], _pause_saves) if family in TARGETS else _pause_saves
 
 

@@ -1,6 +1,6 @@
 """Convert a LongCat-Video LoRA between our (peft), the upstream and the ComfyUI formats.
 
-    python -m simpletuner_longcat_video.export_lora IN.safetensors --format upstream -o OUT.safetensors
+    python -m simpletuner_longcat_video.lora.export IN.safetensors --format upstream -o OUT.safetensors
 
 The input format is recognised from its keys. ``--check-against`` loads a ``dit/`` folder (or a
 checkpoint root holding one) and refuses a LoRA whose modules or shapes do not fit it.
@@ -12,18 +12,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from simpletuner_longcat_video import lora_formats
 from simpletuner_longcat_video.errors import LongCatVideoError
+from simpletuner_longcat_video.lora import formats
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m simpletuner_longcat_video.export_lora",
+        prog="python -m simpletuner_longcat_video.lora.export",
         description="Convert a LongCat-Video LoRA to the upstream LongCat-Video format, the ComfyUI "
         "(kijai WanVideoWrapper) format, or back to ours (peft/diffusers). See docs/lora.md.",
     )
     parser.add_argument("input", type=Path, help="LoRA .safetensors (format detected from its keys)")
-    parser.add_argument("--format", required=True, choices=lora_formats.FORMATS, help="format to write")
+    parser.add_argument("--format", required=True, choices=formats.FORMATS, help="format to write")
     parser.add_argument("-o", "--output", required=True, type=Path, help="where to write the converted file")
     parser.add_argument(
         "--alpha",
@@ -41,10 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_against(layers: lora_formats.LoraLayers, checkpoint: Path, source: str) -> None:
+def _check_against(layers: formats.LoraLayers, checkpoint: Path, source: str) -> None:
     import torch
 
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
 
     folder = checkpoint / "dit" if (checkpoint / "dit").is_dir() else checkpoint
     if not (folder / "config.json").is_file():
@@ -57,14 +57,14 @@ def _check_against(layers: lora_formats.LoraLayers, checkpoint: Path, source: st
     # The config alone gives every layer's shape; no weights need to be read.
     with torch.device("meta"):
         model = LongCatVideoTransformer3DModel.from_config(LongCatVideoTransformer3DModel.load_config(folder))
-    lora_formats.check_against(model, layers, source=source)
+    formats.check_against(model, layers, source=source)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     source = str(args.input)
     try:
-        layers, found = lora_formats.read_lora_file(args.input, alpha=args.alpha)
+        layers, found = formats.read_lora_file(args.input, alpha=args.alpha)
         if args.check_against is not None:
             _check_against(layers, args.check_against, source)
         if args.output.resolve() == args.input.resolve():
@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 rule="the output would overwrite the input",
                 fix="write to another file",
             )
-        written = lora_formats.write_lora_file(layers, args.output, args.format, source=source)
+        written = formats.write_lora_file(layers, args.output, args.format, source=source)
     except LongCatVideoError as exc:
         print(f"export_lora: error: {exc}", file=sys.stderr)
         return 2
-    print(f"read {source} ({found} format): {lora_formats.describe(layers)}")
+    print(f"read {source} ({found} format): {formats.describe(layers)}")
     print(f"wrote {args.output} ({args.format} format): {len(written)} tensors")
     if found == "peft" and args.alpha is None and not _has_metadata(args.input):
         print(
@@ -99,7 +99,7 @@ def _has_metadata(path: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return lora_formats.adapter_metadata(handle.metadata()) is not None
+        return formats.adapter_metadata(handle.metadata()) is not None
 
 
 if __name__ == "__main__":

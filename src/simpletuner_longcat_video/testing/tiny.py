@@ -75,7 +75,7 @@ def build_tiny_checkpoint(root: str | Path, *, seed: int = 0, sizes: TinySizes =
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def build_tiny_checkpoint(root: str | Path, *, seed: int = 0, sizes: TinySizes =
         root / spec.SCHEDULER_SUBFOLDER
     )
     (root / "README.md").write_text(
-        "Tiny random LongCat-Video checkpoint made by simpletuner_longcat_video.tiny (not a real model).\n"
+        "Tiny random LongCat-Video checkpoint made by simpletuner_longcat_video.testing.tiny (not a real model).\n"
     )
     return root
 
@@ -333,8 +333,8 @@ def build_tiny_distill_lora(
     """
     import torch
 
-    from simpletuner_longcat_video.lora_formats import LoraPart, ModuleLora, write_lora_file
-    from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
+    from simpletuner_longcat_video.lora.formats import LoraPart, ModuleLora, write_lora_file
 
     checkpoint = Path(checkpoint)
     with torch.device("meta"):

@@ -18,7 +18,7 @@ Rules (from the quickstart, decided here once):
   and any start frame without a clip is named. ``is_i2v`` on a dataset that is not a video dataset
   is refused; the seed's ``"is_i2v": true`` beside ``dataset_type`` means ``video.is_i2v``.
 * What the host would silently drop or mis-train (undecodable, empty or too-short clips, empty or
-  missing captions, images in a video dataset) is refused by ``data_files``.
+  missing captions, images in a video dataset) is refused by ``dataset_files``.
 
 Two passes: :func:`prepare_datasets` runs on the data backend config as soon as SimpleTuner has
 read it, before it configures, embeds or encodes anything, and checks every rule the files show;
@@ -35,61 +35,22 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
-from simpletuner_longcat_video import data_files, spec
+from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.errors import LongCatVideoError, listed
+from simpletuner_longcat_video.host import dataset_files
 
-logger = logging.getLogger("simpletuner_longcat_video.data")
+logger = logging.getLogger("simpletuner_longcat_video.host.datasets")
 
 # The host pairs a clip with "<stem>.png" in its conditioning dataset when that dataset is of the
 # first-frame kind; it pairs identical paths otherwise.
 HOST_FIRST_FRAME_SUFFIX = ".png"
-# Under the host's cache_dir: PNG copies of start frames in other formats (data_files.mirror_as_png).
+# Under the host's cache_dir: PNG copies of start frames in other formats (dataset_files.mirror_as_png).
 START_FRAMES_FOLDER = "longcat_start_frames"
 # The settings that size a sample, which SimpleTuner 4.10.1 copies from a dataset to its
 # conditioning datasets (factory.py, synchronize_conditioning_settings) only after both have been
 # cached. Its minimum_image_size is a filter, not a size: a small start frame is scaled up to its
 # clip's bucket, as the pipeline scales a start image.
 RESOLUTION_SETTINGS = ("resolution", "resolution_type", "maximum_image_size", "target_downsample_size")
-
-
-def _whole_number(value: object) -> int | None:
-    """``value`` as an int if it is a whole number (int, integral float or digit string), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    text = str(value).strip()
-    return int(text) if text.isdecimal() else None
-
-
-def check_frames(value: object, where: str) -> int:
-    frames = _whole_number(value)
-    if frames is None or frames < 1:
-        raise LongCatVideoError(where=where, value=value, rule="must be a positive whole number", fix="use e.g. 93")
-    if not spec.FRAME_RULE.is_valid(frames):
-        below = spec.FRAME_RULE.nearest_valid_below(frames)
-        raise LongCatVideoError(
-            where=where,
-            value=frames,
-            rule="LongCat-Video needs (frames - 1) % 4 == 0 (the VAE keeps frame 1 and compresses the rest 4x)",
-            fix=f"use {below} or {below + 4}",
-        )
-    return frames
-
-
-def check_size(width: int, height: int, where: str, value: object = None) -> None:
-    """Width and height must be positive and divisible by 16 (VAE 8x, patch 2)."""
-    if width <= 0 or height <= 0 or width % spec.SIZE_MULTIPLE or height % spec.SIZE_MULTIPLE:
-        grid = spec.BUCKET_ALIGNMENT
-        suggestion = f"{max(grid, round(width / grid) * grid)}x{max(grid, round(height / grid) * grid)}"
-        raise LongCatVideoError(
-            where=where,
-            value=f"{width}x{height}" if value is None else value,
-            rule=f"{width}x{height}: width and height must be divisible by {spec.SIZE_MULTIPLE} (VAE 8x, patch 2)",
-            fix=f"use e.g. {suggestion} (WIDTHxHEIGHT on the {grid} px grid the buckets use)",
-        )
 
 
 def parse_resolutions(value: object) -> list[tuple[int, int]]:
@@ -117,7 +78,7 @@ def parse_resolutions(value: object) -> list[tuple[int, int]]:
 def check_training_config(config: object) -> None:
     """Config-time rules; raised from the family's ``check_user_config`` before data is read."""
     alignment = getattr(config, "aspect_bucket_alignment", None)
-    grid = _whole_number(alignment) if alignment is not None else None
+    grid = spec.whole_number(alignment) if alignment is not None else None
     if alignment is not None and grid not in spec.BUCKET_ALIGNMENTS:
         raise LongCatVideoError(
             where="aspect_bucket_alignment",
@@ -129,11 +90,11 @@ def check_training_config(config: object) -> None:
     resolution = getattr(config, "validation_resolution", None)
     if resolution:
         for width, height in parse_resolutions(resolution):
-            check_size(width, height, "validation_resolution", resolution)
+            spec.check_size(width, height, "validation_resolution", resolution)
             _say_off_grid(width, height, grid or 64)
     frames = getattr(config, "validation_num_video_frames", None)
     if frames is not None:
-        check_frames(frames, "validation_num_video_frames")
+        spec.check_frames(frames, "validation_num_video_frames")
 
 
 def _say_off_grid(width: int, height: int, grid: int) -> None:
@@ -157,7 +118,7 @@ def _say_off_grid(width: int, height: int, grid: int) -> None:
 
 def validation_num_frames(config: object) -> int:
     frames = getattr(config, "validation_num_video_frames", None)
-    return spec.DEFAULT_NUM_FRAMES if frames is None else check_frames(frames, "validation_num_video_frames")
+    return spec.DEFAULT_NUM_FRAMES if frames is None else spec.check_frames(frames, "validation_num_video_frames")
 
 
 def has_validation_start_images(config: object) -> bool:
@@ -261,7 +222,7 @@ def _video_settings(
     for name in ("num_frames", "min_frames"):
         if video.get(name) is not None:
             try:
-                check_frames(video[name], f"{source}: dataset {dataset_id!r} video.{name}")
+                spec.check_frames(video[name], f"{source}: dataset {dataset_id!r} video.{name}")
             except LongCatVideoError as error:
                 problems.append(error)
     return video
@@ -281,7 +242,7 @@ def _pairing_error(
 
 
 def check_datasets(config: object, backends: dict | None = None) -> None:
-    """Dataset rules once the host has configured every dataset (see the module doc and ``data_files``).
+    """Dataset rules once the host has configured every dataset (see the module doc and ``dataset_files``).
 
     Every dataset is checked and every problem named in one error: a user fixing one problem
     per start-up of a large run would wait minutes for each.
@@ -313,11 +274,11 @@ def _check_dataset(
     clip_root = settings.get("instance_data_dir")
     files = file_lists[backend.get("id", backend_id)]
     where = f"{source}: dataset {backend_id!r} ({clip_root})"
-    left_out = data_files.scan_left_out(clip_root, files, video.get("min_frames"), video.get("num_frames"))
+    left_out = dataset_files.scan_left_out(clip_root, files, video.get("min_frames"), video.get("num_frames"))
     for check, args in (
-        (data_files.check_video_dataset_holds_videos, (where, clip_root, files)),
-        (data_files.check_left_out, (where, left_out)),
-        (data_files.check_captions, (f"{where} caption files", settings, files)),
+        (dataset_files.check_video_dataset_holds_videos, (where, clip_root, files)),
+        (dataset_files.check_left_out, (where, left_out)),
+        (dataset_files.check_captions, (f"{where} caption files", settings, files)),
     ):
         try:
             check(*args)
@@ -398,24 +359,32 @@ def _check_pair(
             "or convert them yourself, e.g. "
             + ", ".join(f"`mogrify -format png {cond_root}/*{suffix}`" for suffix in suffixes),
         )
-    # The host's own first-frame conditioning datasets work this way: the dataset is marked
-    # "i2v_first_frame" (clip.ext -> clip.png for the lookup) and each start frame's metadata
-    # names its clip (for the way back, and for the caption).
-    cond_settings["conditioning_config"] = {
-        **(cond_settings.get("conditioning_config") or {}),
-        "type": "i2v_first_frame",
-    }
-    metadata_backend = cond.get("metadata_backend")
-    for key, frame_path in frame_keys.items():
-        metadata = metadata_backend.get_metadata_by_filepath(frame_path) if metadata_backend is not None else None
-        if isinstance(metadata, dict):
-            metadata["training_sample_path"] = clip_keys[key]
+    link_start_frames_to_clips(cond, clip_keys, frame_keys)
     logger.info(
         "I2V pairing: %d clips in %r each have their start frame in %r (matched by name)",
         len(clip_keys),
         clip_id,
         cond_id,
     )
+
+
+def link_start_frames_to_clips(cond: dict, clip_keys: dict[str, str], frame_keys: dict[str, str]) -> None:
+    """SimpleTuner 4.10.1: a checked pairing written into the host's configured conditioning dataset.
+
+    The host pairs a clip with a start frame of another name only the way its own first-frame
+    conditioning datasets work: the dataset is marked ``conditioning_config.type = i2v_first_frame``
+    (its lookup maps ``clip.ext`` to ``clip.png``) and each start frame's metadata names its clip
+    (``training_sample_path``: the way back, and the caption). A ``conditioning: [{"type": ...}]``
+    entry in the dataset config cannot say this: it makes the host *generate* start frames from
+    each clip's first frame, not pair the user's own. Listed in docs/plugin.md with the patches.
+    """
+    settings = cond.get("config") or {}
+    settings["conditioning_config"] = {**(settings.get("conditioning_config") or {}), "type": "i2v_first_frame"}
+    metadata_backend = cond.get("metadata_backend")
+    for key, frame_path in frame_keys.items():
+        metadata = metadata_backend.get_metadata_by_filepath(frame_path) if metadata_backend is not None else None
+        if isinstance(metadata, dict):
+            metadata["training_sample_path"] = clip_keys[key]
 
 
 # --- before SimpleTuner configures anything ----------------------------------------------------
@@ -442,15 +411,15 @@ def _aspect(size: tuple[int, int], rounding: int) -> float:
 
 
 def _rounding(config: object) -> int:
-    value = _whole_number(getattr(config, "aspect_bucket_rounding", None))
+    value = spec.whole_number(getattr(config, "aspect_bucket_rounding", None))
     return 2 if value is None or value < 0 else value
 
 
-def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dict[str, data_files.LeftOut]:
+def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dict[str, dataset_files.LeftOut]:
     """Read the data backend config as the family means it, and check every rule its files show.
 
     Runs when SimpleTuner 4.10.1 has read ``multidatabackend.json`` and before it configures,
-    embeds or encodes anything (``plugin.extend_host_data_config``), on the list the host will use,
+    embeds or encodes anything (``patches.extend_host_data_config``), on the list the host will use,
     which is changed in place:
 
     * a relative ``instance_data_dir`` is made absolute (against the working directory, as the
@@ -461,7 +430,7 @@ def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dic
     * a start-frame dataset takes its clips' resolution settings (the host copies them only after
       both datasets are cached, too late for the start frames' latents);
     * start frames that are not ``<clip name>.png`` are read from PNG copies in a folder under
-      ``cache_dir`` (``data_files.mirror_as_png``); the user's folder is left alone.
+      ``cache_dir`` (``dataset_files.mirror_as_png``); the user's folder is left alone.
 
     Every problem found is named in one error. Returns each local video dataset's scan (its clips'
     frame counts, sizes and frame rates) for the log once the host has bucketed them.
@@ -473,7 +442,7 @@ def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dic
     problems: list[LongCatVideoError] = []
     notes: list[str] = []
     _normalise(source, active, by_id, problems, notes)
-    scans: dict[str, data_files.LeftOut] = {}
+    scans: dict[str, dataset_files.LeftOut] = {}
     conversions: dict[str, dict[str, str]] = {}
     for settings in active:
         try:
@@ -485,7 +454,7 @@ def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dic
     for cond_id, frames in conversions.items():
         cond = by_id[cond_id]
         folder = os.path.abspath(os.path.join(cache_root, START_FRAMES_FOLDER, str(cond_id).replace(os.sep, "_")))
-        written = data_files.mirror_as_png(frames, folder)
+        written = dataset_files.mirror_as_png(frames, folder)
         kinds = Counter(os.path.splitext(path)[1] for path in frames.values())
         notes.append(
             f"start frames of dataset {cond_id!r} ({', '.join(f'{n} {s}' for s, n in sorted(kinds.items()))}) are "
@@ -574,7 +543,7 @@ def _check_dataset_files(
     settings: dict,
     by_id: dict,
     rounding: int,
-    scans: dict[str, data_files.LeftOut],
+    scans: dict[str, dataset_files.LeftOut],
     conversions: dict[str, dict[str, str]],
     problems: list[LongCatVideoError],
 ) -> None:
@@ -587,15 +556,15 @@ def _check_dataset_files(
     if not _local(settings) or not isinstance(root, str):
         return  # files elsewhere (S3, Hugging Face), or no folder: the host's checks and the second pass
     where = f"{source}: dataset {dataset_id!r} ({root})"
-    scan = data_files.scan_left_out(root, [], video.get("min_frames"), video.get("num_frames"))
+    scan = dataset_files.scan_left_out(root, [], video.get("min_frames"), video.get("num_frames"))
     if isinstance(dataset_id, str):
         scans[dataset_id] = scan
     clips = sorted(scan.infos)
-    images = data_files.files_on_disk(root, data_files.image_suffixes())
+    images = dataset_files.files_on_disk(root, dataset_files.image_suffixes())
     for check, args, kwargs in (
-        (data_files.check_video_dataset_holds_videos, (where, root, clips + images), {}),
-        (data_files.check_left_out, (where, scan), {}),
-        (data_files.check_captions, (f"{where} caption files", settings, clips), {"missing_too": True}),
+        (dataset_files.check_video_dataset_holds_videos, (where, root, clips + images), {}),
+        (dataset_files.check_left_out, (where, scan), {}),
+        (dataset_files.check_captions, (f"{where} caption files", settings, clips), {"missing_too": True}),
     ):
         try:
             check(*args, **kwargs)
@@ -635,7 +604,7 @@ def _paired_files(
     cond_root = cond.get("instance_data_dir")
     if not _local(cond) or not isinstance(cond_root, str):
         return None
-    found = data_files.files_on_disk(cond_root, data_files.image_suffixes() | data_files.video_suffixes())
+    found = dataset_files.files_on_disk(cond_root, dataset_files.image_suffixes() | dataset_files.video_suffixes())
     by_key: dict[str, list[str]] = defaultdict(list)
     for path in found:
         by_key[pair_key(path, cond_root)].append(path)
@@ -656,7 +625,7 @@ def _check_aspects(
     clip_id: object,
     clip_root: str,
     clip_keys: dict[str, str],
-    infos: dict[str, data_files.ClipInfo],
+    infos: dict[str, dataset_files.ClipInfo],
     cond_id: str,
     frames: dict[str, str],
     rounding: int,
@@ -667,7 +636,7 @@ def _check_aspects(
         info = infos.get(clip)
         if info is None or info.problem:
             continue  # refused as a clip already
-        size = data_files.image_size(frames[key])
+        size = dataset_files.image_size(frames[key])
         if isinstance(size, str):
             unreadable.append(f"{os.path.basename(frames[key])} {size}")
             continue
@@ -700,7 +669,7 @@ def _check_aspects(
 
 
 def describe_clip_processing(
-    config: object, backends: dict | None = None, scans: dict[str, data_files.LeftOut] | None = None
+    config: object, backends: dict | None = None, scans: dict[str, dataset_files.LeftOut] | None = None
 ) -> list[str]:
     """One line per video dataset: what SimpleTuner does to its clips (bucket, crop, frames, frame rate).
 
@@ -734,7 +703,7 @@ def _size(value: object) -> tuple[int, int]:
 
 
 def _clip_line(
-    dataset_id: object, settings: dict, entries: list[dict], scan: data_files.LeftOut | None, framerate: object
+    dataset_id: object, settings: dict, entries: list[dict], scan: dataset_files.LeftOut | None, framerate: object
 ) -> str:
     crop = _truthy(settings.get("crop"))
     groups = Counter(

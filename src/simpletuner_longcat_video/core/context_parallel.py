@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
-from .errors import LongCatVideoError
+from simpletuner_longcat_video.errors import LongCatVideoError
 
 
 def frame_counts(frames: int, world: int) -> tuple[int, ...]:

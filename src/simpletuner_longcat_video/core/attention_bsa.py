@@ -1,26 +1,24 @@
 """The block-sparse Triton kernel as an attention backend for the seam in ``attention.py``.
 
 Published through the ``simpletuner.attention_backends`` entry-point group as
-``block_sparse = simpletuner_longcat_video.attention_bsa:BACKEND``. Importing this module is cheap:
-Triton is imported, and a kernel compiled, only by :func:`is_available` and by the first call.
+``block_sparse = simpletuner_longcat_video.core.attention_bsa:BACKEND``, an ``attention.Backend``
+that is a candidate for ``"auto"`` on CUDA tensors with more than one frame. Importing this module
+is cheap: Triton is imported, and a kernel compiled, only by :func:`is_available` and by the first call.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
-from simpletuner_longcat_video.kernels import BlockSparseArgumentError, block_sparse_attention
-
-
-class BlockSparseOptions(Protocol):
-    """The attributes read from the seam's options object."""
-
-    sparsity: float
-    chunk: tuple[int, int, int]
-    cdf_threshold: float | None
+from simpletuner_longcat_video.core.attention import AttentionOptions, Backend, BackendDeclined
+from simpletuner_longcat_video.kernels.block_sparse import (
+    BlockSparseArgumentError,
+    block_sparse_attention,
+    check_settings,
+)
 
 
 class Availability(NamedTuple):
@@ -40,7 +38,7 @@ def block_sparse_backend(
     *,
     q_grid: tuple[int, int, int],
     kv_grid: tuple[int, int, int],
-    options: BlockSparseOptions,
+    options: AttentionOptions,
 ) -> torch.Tensor:
     """Block-sparse self-attention; raises the seam's ``BackendDeclined`` for shapes it cannot tile.
 
@@ -61,8 +59,6 @@ def block_sparse_backend(
     except BlockSparseArgumentError as exc:
         # A head size, dtype or chunk the kernels do not take is a property of this call, not a
         # broken kernel: decline it (it goes to SDPA) and stay in service for other calls.
-        from simpletuner_longcat_video.attention import BackendDeclined
-
         raise BackendDeclined(str(exc)) from exc
 
 
@@ -109,28 +105,17 @@ def is_available() -> Availability:
     return Availability(True, "CUDA, Triton, and a compiled forward and backward")
 
 
-class _BlockSparseBackend:
-    """What the entry point names: the backend callable plus its availability probe."""
-
-    name = "block_sparse"
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        q_grid: tuple[int, int, int],
-        kv_grid: tuple[int, int, int],
-        options: BlockSparseOptions,
-    ) -> torch.Tensor:
-        return block_sparse_backend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
-
-    def is_available(self) -> Availability:
-        return is_available()
-
-    def __repr__(self) -> str:
-        return "<attention backend 'block_sparse' (Triton block-sparse attention)>"
+def check_options(options: AttentionOptions) -> None:
+    """The seam's options against the kernels' rules (``kernels.block_sparse.check_settings``)."""
+    check_settings(options.chunk, options.sparsity, options.cdf_threshold)
 
 
-BACKEND = _BlockSparseBackend()
+BACKEND = Backend(
+    name="block_sparse",
+    attend=block_sparse_backend,
+    is_available=is_available,
+    auto=True,
+    device_types=("cuda",),
+    min_frames=2,
+    check_options=check_options,
+)

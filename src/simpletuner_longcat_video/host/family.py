@@ -1,8 +1,9 @@
-"""The host-facing LongCat-Video family: the only module that speaks SimpleTuner's model API.
+"""The host-facing LongCat-Video family: the ``ModelFoundation`` subclass SimpleTuner instantiates.
 
 Registered under ``longcat_video`` through the ``simpletuner.model_families`` entry point (see
-``plugin.py``). Facts come from ``spec.py``; this class only maps them onto the host's class
-attributes and hooks.
+``discovery.py``). Facts come from ``spec.py`` and the config from ``settings.py`` (read once);
+this class maps them onto the host's class attributes and hooks and calls ``core`` for the model,
+the batch and the sampler.
 """
 
 from __future__ import annotations
@@ -17,15 +18,32 @@ import torch
 from diffusers import AutoencoderKLWan
 from PIL import Image
 from simpletuner.helpers.models.common import ModelTypes, PipelineTypes, PredictionTypes, VideoModelFoundation
+from simpletuner.helpers.musubi_block_swap import MusubiBlockSwapManager
+from simpletuner.helpers.training.offloaded_gradient_checkpointer import offloaded_checkpoint
 from simpletuner.helpers.training.state_tracker import StateTracker
 from torchvision import transforms
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from simpletuner_longcat_video import data, faults, spec
-from simpletuner_longcat_video.attention import AttentionOptions, xformers_available
-from simpletuner_longcat_video.checkpoint import check_checkpoint_layout
+from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.core.checkpoint import check_checkpoint_layout
+from simpletuner_longcat_video.core.conditioning import apply_i2v_condition, drop_condition_frames
+from simpletuner_longcat_video.core.pipeline import LongCatVideoPipeline, normalize_latents
+from simpletuner_longcat_video.core.text import encode_prompts
+from simpletuner_longcat_video.core.transformer import (
+    LORA_TARGET_MODULES,
+    LongCatVideoTransformer3DModel,
+)
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.lora_formats import (
+from simpletuner_longcat_video.host import datasets, faults
+from simpletuner_longcat_video.host.settings import (
+    Settings,
+    apply_flow_shift_default,
+    check_flavour,
+    check_run_config,
+    read_settings,
+    warn_fsdp_inactive,
+)
+from simpletuner_longcat_video.lora.formats import (
     LoraLayers,
     attach_lora,
     check_against,
@@ -33,16 +51,13 @@ from simpletuner_longcat_video.lora_formats import (
     lora_layers_to,
     read_lora_file,
 )
-from simpletuner_longcat_video.pipeline import LongCatVideoPipeline, normalize_latents
-from simpletuner_longcat_video.text import encode_prompts
-from simpletuner_longcat_video.training import apply_i2v_condition, drop_condition_frames
-from simpletuner_longcat_video.transformer import (
-    LORA_TARGET_MODULES,
-    LongCatVideoTransformer3DModel,
-    check_blocks_to_swap,
-)
 
-logger = logging.getLogger("simpletuner_longcat_video.family")
+logger = logging.getLogger("simpletuner_longcat_video.host.family")
+
+# The DiT runs block swap and offloaded checkpointing through SimpleTuner's own implementations.
+LongCatVideoTransformer3DModel.use_trainer_parts(
+    block_swap_manager=MusubiBlockSwapManager, offloaded_checkpoint=offloaded_checkpoint
+)
 
 
 class LongCatVideo(VideoModelFoundation):
@@ -69,8 +84,6 @@ class LongCatVideo(VideoModelFoundation):
     DEFAULT_MODEL_FLAVOUR = spec.DEFAULT_FLAVOUR
     HUGGINGFACE_PATHS = dict(spec.FLAVOURS)
     MODEL_LICENSE = "mit"
-    # Every cached latent of a batch is checked (readable, finite) before training on it (faults.py).
-    CHECKS_CACHED_LATENTS = True
     # The official checkpoint ships umT5-XXL in text_encoder/ (not Qwen2.5-VL as the design card says).
     TEXT_ENCODER_CONFIGURATION = {
         "text_encoder": {
@@ -92,33 +105,28 @@ class LongCatVideo(VideoModelFoundation):
         return spec.NUM_BLOCKS - 1
 
     def setup_model_flavour(self) -> None:
-        # The host checks the flavour only when it has to resolve a hub path; a local checkpoint
-        # folder with a typo'd flavour would otherwise pass silently.
-        flavour = getattr(self.config, "model_flavour", None) or spec.DEFAULT_FLAVOUR
-        if flavour not in spec.FLAVOURS:
-            raise LongCatVideoError(
-                where="model_flavour",
-                value=flavour,
-                rule=f"LongCat-Video ({spec.FAMILY}) has the flavours {sorted(spec.FLAVOURS)}",
-                fix='set "model_flavour": "final" (the same weights serve T2V and I2V)',
-            )
+        check_flavour(self.config)
         apply_flow_shift_default(self.config)
         super().setup_model_flavour()
-        # The host's __init__ loads the scheduler right after this hook, so the config rules are
-        # checked here, before anything is read from the checkpoint, and then its layout.
-        attention_options_from_config(self.config)
-        distill_lora_path(self.config)
+        # The host's __init__ loads the scheduler right after this hook, so the plugin's keys are
+        # read (once) and checked here, before anything is read from the checkpoint, and then its layout.
+        self.__dict__["_settings"] = read_settings(self.config)
         check_checkpoint_layout(self.config.pretrained_model_name_or_path)
 
     def check_user_config(self) -> None:
         super().check_user_config()
         # First: a finished run stops here, before any other rule or any weight is read.
         faults.prepare_resume(self.config, is_main_process=bool(getattr(self.accelerator, "is_main_process", True)))
-        data.check_training_config(self.config)
-        check_block_swap_config(self.config, self.accelerator.device)
-        check_compile_config(self.config)
-        check_context_parallel_config(self.config)
+        check_run_config(self.config, self.settings, self.accelerator.device)
         warn_fsdp_inactive(self.config, self.accelerator)
+
+    @property
+    def settings(self) -> Settings:
+        """The plugin's config keys, read once at set-up (or at first use, for a family built without it)."""
+        found = self.__dict__.get("_settings")
+        if found is None:
+            found = self.__dict__["_settings"] = read_settings(self.config)
+        return found
 
     # Image-to-video: start frames come from a paired conditioning dataset, VAE-encoded by the
     # host into their own cache and handed to the batch as conditioning latents.
@@ -149,22 +157,24 @@ class LongCatVideo(VideoModelFoundation):
         # sets the output size for an input image only on that branch and otherwise fails with
         # UnboundLocalError. Without such inputs the answer stays False, so T2V validation and the
         # eval-split I2V validation keep the host's usual paths.
-        return data.has_validation_start_images(self.config)
+        return datasets.has_validation_start_images(self.config)
 
-    def prepare_data_backend_config(self, datasets: list) -> list:
-        # Called (plugin.extend_host_data_config) once SimpleTuner has read multidatabackend.json,
+    def prepare_data_backend_config(self, backend_configs: list) -> list:
+        # Called (patches.extend_host_data_config) once SimpleTuner has read multidatabackend.json,
         # before it configures, embeds or encodes anything: every rule the files show is checked
         # here, so a refusal costs seconds, not a built VAE cache.
-        self._dataset_scans = data.prepare_datasets(self.config, datasets, log=self.accelerator.is_main_process)
-        return datasets
+        self._dataset_scans = datasets.prepare_datasets(
+            self.config, backend_configs, log=self.accelerator.is_main_process
+        )
+        return backend_configs
 
     def configure_data_signals(self, **signals: bool) -> None:
         # Called by the host's data factory once every dataset is configured and connected:
         # the last moment before training, and the first at which the host's file lists are known.
         super().configure_data_signals(**signals)
-        data.check_datasets(self.config)
+        datasets.check_datasets(self.config)
         if self.accelerator.is_main_process:
-            for line in data.describe_clip_processing(self.config, scans=getattr(self, "_dataset_scans", None)):
+            for line in datasets.describe_clip_processing(self.config, scans=getattr(self, "_dataset_scans", None)):
                 logger.info("%s", line)
 
     def get_transforms(self, dataset_type: str = "image"):
@@ -197,7 +207,7 @@ class LongCatVideo(VideoModelFoundation):
 
     def update_pipeline_call_kwargs(self, pipeline_kwargs: dict) -> dict:
         pipeline_kwargs = super().update_pipeline_call_kwargs(pipeline_kwargs)
-        pipeline_kwargs["num_frames"] = data.validation_num_frames(self.config)
+        pipeline_kwargs["num_frames"] = datasets.validation_num_frames(self.config)
         pipeline_kwargs["output_type"] = "pil"
         pipeline_kwargs["show_progress"] = False
         image = pipeline_kwargs.get("image")
@@ -207,14 +217,14 @@ class LongCatVideo(VideoModelFoundation):
             pipeline_kwargs["image"] = self._save_validation_start_image(
                 image, int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"])
             )
-        if distill_lora_path(self.config) is not None:
+        if self.settings.distill_lora is not None:
             pipeline_kwargs["num_inference_steps"] = spec.DISTILL_STEPS
             pipeline_kwargs["guidance_scale"] = spec.DISTILL_GUIDANCE
             pipeline_kwargs["use_distill"] = True
         return pipeline_kwargs
 
     # Validation from the eval split. SimpleTuner 4.10.1 hands I2V validation the eval clip's own first
-    # frame; plugin.pair_validation_start_frames routes the host's samples through this method instead.
+    # frame; patches.pair_validation_start_frames routes the host's samples through this method instead.
     def pair_validation_start_frames(self, samples: list) -> list:
         """The host's validation samples, each eval clip's start image replaced by its paired start frame.
 
@@ -257,12 +267,12 @@ class LongCatVideo(VideoModelFoundation):
                 len(model.blocks),
                 device,
             )
-        if compile_blocks_requested(self.config):
+        if self.settings.compile_blocks:
             # Compilation is lazy: the blocks are traced at their first call, after the host
             # has added the LoRA layers.
             model.compile_blocks()
             logger.info("LongCat-Video: %d DiT blocks will be torch.compile'd at the first step", len(model.blocks))
-        options = model.set_attention_options(attention_options_from_config(self.config))
+        options = model.set_attention_options(self.settings.attention)
         logger.info(
             "LongCat-Video attention: %s (block-sparse sparsity %s, chunk %s, cdf_threshold %s)",
             options.backend,
@@ -270,13 +280,13 @@ class LongCatVideo(VideoModelFoundation):
             options.chunk,
             options.cdf_threshold,
         )
-        if distill_lora_path(self.config) is not None:
+        if self.settings.distill_lora is not None:
             # Read and checked now, so a wrong file stops the run before training, not at the first preview.
             layers = self._distill_layers()
             logger.info(
                 "LongCat-Video validation previews use the distillation LoRA %s (%s): %d steps, guidance %.1f "
                 "instead of validation_num_inference_steps / validation_guidance",
-                distill_lora_path(self.config),
+                self.settings.distill_lora,
                 describe(layers),
                 spec.DISTILL_STEPS,
                 spec.DISTILL_GUIDANCE,
@@ -285,7 +295,7 @@ class LongCatVideo(VideoModelFoundation):
     def _distill_layers(self) -> LoraLayers:
         """The distillation LoRA (CPU), read once and checked against the transformer."""
         if getattr(self, "_distill_lora", None) is None:
-            path = distill_lora_path(self.config)
+            path = self.settings.distill_lora
             layers, _ = read_lora_file(path)
             check_against(self.unwrap_model(), layers, source=path)
             self._distill_lora = layers
@@ -296,10 +306,10 @@ class LongCatVideo(VideoModelFoundation):
     # for exactly that call: forward hooks on top of the trained adapter, removed afterwards, so
     # nothing of it can reach training (the weights are never written).
     def supports_multistage_validation(self) -> bool:
-        return distill_lora_path(self.config) is not None or super().supports_multistage_validation()
+        return self.settings.distill_lora is not None or super().supports_multistage_validation()
 
     def run_multistage_validation(self, pipeline_kwargs: dict, pipeline_call: Callable[..., Any]) -> Any:
-        if distill_lora_path(self.config) is None:
+        if self.settings.distill_lora is None:
             return super().run_multistage_validation(pipeline_kwargs, pipeline_call)
         transformer = self.pipeline.transformer
         device, dtype = next(transformer.parameters()).device, self.config.weight_dtype
@@ -307,7 +317,7 @@ class LongCatVideo(VideoModelFoundation):
         if cached is None or cached[0] != (device, dtype):
             cached = ((device, dtype), lora_layers_to(self._distill_layers(), device=device, dtype=dtype))
             self._distill_lora_on_device = cached
-        with attach_lora(transformer, cached[1], source=distill_lora_path(self.config)):
+        with attach_lora(transformer, cached[1], source=self.settings.distill_lora):
             return pipeline_call(self.pipeline, pipeline_kwargs)
 
     def unload_validation_models(self) -> None:
@@ -374,247 +384,8 @@ class LongCatVideo(VideoModelFoundation):
         return super().save_lora_weights(*args, **kwargs)
 
 
-def apply_flow_shift_default(config: object) -> None:
-    """Flow matching with shift 12.0 unless the user set ``flow_schedule_shift`` themselves."""
-    from simpletuner_longcat_video.plugin import HostDefault
-
-    shift = getattr(config, "flow_schedule_shift", None)
-    if shift is None or type(shift) is HostDefault:
-        config.flow_schedule_shift = spec.FLOW_SHIFT
-        logger.info(
-            "flow_schedule_shift not set: using LongCat-Video's %.1f (set it in the config to override)",
-            spec.FLOW_SHIFT,
-        )
-
-
-def attention_options_from_config(config: object) -> AttentionOptions:
-    """The DiT's attention options from the config keys the plugin adds (spec.CONFIG_OPTIONS)."""
-    defaults = {option.name: option.default for option in spec.CONFIG_OPTIONS}
-
-    def value(name: str) -> object:
-        found = getattr(config, name, None)
-        return defaults[name] if found is None else found
-
-    backend = str(value("attention_implementation"))
-    if backend not in spec.ATTENTION_IMPLEMENTATIONS:
-        raise LongCatVideoError(
-            where="attention_implementation",
-            value=backend,
-            rule=f"must be one of {list(spec.ATTENTION_IMPLEMENTATIONS)}",
-            fix='use "auto" unless you need to force a backend',
-        )
-    if backend == "block_sparse":
-        from simpletuner_longcat_video import attention_bsa
-
-        found = attention_bsa.prerequisites()
-        if not found:
-            raise LongCatVideoError(
-                where="attention_implementation",
-                value=backend,
-                rule=f"the block-sparse kernels are Triton kernels for CUDA GPUs; this machine has none ({found.reason})",
-                fix='use "auto" (block-sparse on a CUDA GPU where the kernels run, SDPA elsewhere) or "sdpa"; '
-                "on a GPU machine install torch with CUDA and triton",
-            )
-    if backend == "xformers":
-        if not xformers_available():
-            raise LongCatVideoError(
-                where="attention_implementation",
-                value=backend,
-                rule="xFormers is not installed in this environment",
-                fix='pip install xformers (matching your torch build), or use "auto"',
-            )
-    raw_chunk = value("longcat_bsa_chunk")
-    try:
-        chunk = tuple(int(part) for part in str(raw_chunk).replace("x", ",").split(","))
-    except ValueError:
-        chunk = ()
-    volume = chunk[0] * chunk[1] * chunk[2] if len(chunk) == 3 else 0
-    if len(chunk) != 3 or min(chunk) < 1 or volume < 16 or volume > 256 or volume & (volume - 1):
-        raise LongCatVideoError(
-            where="longcat_bsa_chunk",
-            value=raw_chunk,
-            rule="must be three positive integers T,H,W whose product is a power of two from 16 to 256",
-            fix='use the default "4,4,8" (128 tokens per block)',
-        )
-    sparsity = _as_float(value("longcat_bsa_sparsity"))
-    if not 0.0 <= sparsity < 1.0:
-        raise LongCatVideoError(
-            where="longcat_bsa_sparsity",
-            value=sparsity,
-            rule="must lie in [0, 1): the fraction of key blocks each query block drops",
-            fix="use the default 0.875 (0.75 keeps twice as many blocks)",
-        )
-    threshold = getattr(config, "longcat_bsa_cdf_threshold", None)
-    if threshold is not None and not 0.0 < _as_float(threshold) <= 1.0:
-        raise LongCatVideoError(
-            where="longcat_bsa_cdf_threshold",
-            value=threshold,
-            rule="must lie in (0, 1] or be unset",
-            fix="leave it unset, or use e.g. 0.9",
-        )
-    return AttentionOptions(
-        backend=backend,
-        sparsity=sparsity,
-        chunk=chunk,
-        cdf_threshold=None if threshold is None else float(threshold),
-    )
-
-
-def compile_blocks_requested(config: object) -> bool:
-    """``longcat_compile_blocks`` as a bool (the host hands JSON booleans over as "true"/"false")."""
-    raw = getattr(config, "longcat_compile_blocks", None)
-    if raw is None or isinstance(raw, bool):
-        return bool(raw)
-    value = str(raw).strip().lower()
-    if value not in ("true", "false"):
-        raise LongCatVideoError(
-            where="longcat_compile_blocks",
-            value=raw,
-            rule="must be true or false",
-            fix="set it to true to torch.compile the DiT blocks, or leave it out",
-        )
-    return value == "true"
-
-
-def check_compile_config(config: object) -> None:
-    """Compiled blocks cannot carry optimum-quanto weights (refused before anything loads)."""
-    precision = str(getattr(config, "base_model_precision", "") or "")
-    if compile_blocks_requested(config) and "quanto" in precision:
-        raise LongCatVideoError(
-            where="longcat_compile_blocks",
-            value=f"true with base_model_precision {precision!r}",
-            rule="torch.compile cannot trace optimum-quanto weights (on an H100 it fails at the first step)",
-            fix="leave longcat_compile_blocks out when you train on a quanto-quantised base, or drop the quantisation",
-        )
-
-
-def _dit_config_value(path: str | None, key: str, default: int) -> int:
-    import json
-
-    if path:
-        config_file = os.path.join(os.path.expanduser(path), spec.DIT_SUBFOLDER, "config.json")
-        if os.path.isfile(config_file):
-            with open(config_file) as handle:
-                return int(json.load(handle).get(key, default))
-    return default
-
-
-def checkpoint_depth(path: str | None) -> int:
-    """The DiT's block count from a local checkpoint's dit/config.json (48 for the hub id)."""
-    return _dit_config_value(path, "depth", spec.NUM_BLOCKS)
-
-
-def check_context_parallel_config(config: object) -> None:
-    """``context_parallel_size`` must divide the DiT's heads (checked before any weight loads)."""
-    raw = getattr(config, "context_parallel_size", None)
-    if raw in (None, "", "None"):
-        return
-    size = int(raw)
-    if size <= 1:
-        return
-    heads = _dit_config_value(getattr(config, "pretrained_model_name_or_path", None), "num_heads", spec.NUM_HEADS)
-    if heads % size:
-        raise LongCatVideoError(
-            where="context_parallel_size",
-            value=size,
-            rule=f"the all-to-all over heads gives every rank heads/{size}; the DiT has {heads} heads",
-            fix=f"use a size that divides {heads} (2, 4 or 8 for the official model)",
-        )
-    frames = getattr(config, "validation_num_video_frames", None)
-    if frames:
-        latent = spec.FRAME_RULE.latent_frames(int(frames))
-        if latent < size:
-            raise LongCatVideoError(
-                where="validation_num_video_frames",
-                value=frames,
-                rule=f"context parallelism gives each of the {size} ranks whole latent frames; "
-                f"{frames} frames are {latent} latent frames",
-                fix=f"render at least {spec.VAE_TEMPORAL_COMPRESSION * (size - 1) + 1} frames, "
-                "or lower context_parallel_size",
-            )
-
-
-def warn_fsdp_inactive(config: object, accelerator: Any) -> str | None:
-    """Warn (and return the message) when ``fsdp_enable`` is set but accelerate did not turn FSDP on.
-
-    accelerate 1.x only switches a run to FSDP from a multi-*accelerator* setup (``MULTI_GPU``,
-    ``MULTI_XPU``, ...; ``accelerate/state.py``, ``AcceleratorState.__init__``): a CPU run with
-    ``ACCELERATE_USE_CPU=1`` stays ``MULTI_CPU`` and trains with plain DDP, every rank holding the
-    whole DiT. SimpleTuner 4.10.1 says nothing about it, so a user sizing memory for a sharded
-    model would be misled.
-    """
-    if not getattr(config, "fsdp_enable", False) or accelerator is None:
-        return None
-    distributed_type = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
-    if distributed_type == "FSDP":
-        return None
-    message = (
-        f"LongCat-Video: fsdp_enable is set, but accelerate runs this job as {distributed_type or 'NO'}, "
-        "not FSDP: every process holds the whole DiT (no sharding). accelerate enables FSDP only for "
-        "multi-GPU/accelerator runs, never for MULTI_CPU (gloo) or a single process; on CPU this run "
-        "trains with DDP instead"
-    )
-    if getattr(accelerator, "is_main_process", True):
-        logger.warning("%s", message)
-    return message
-
-
-def check_block_swap_config(config: object, compute_device: torch.device | str) -> None:
-    """``musubi_blocks_to_swap`` / ``musubi_block_swap_device``, refused before any weight loads."""
-    blocks = getattr(config, "musubi_blocks_to_swap", None)
-    if blocks is None or blocks == 0:
-        return
-    check_blocks_to_swap(blocks, checkpoint_depth(getattr(config, "pretrained_model_name_or_path", None)))
-    raw_device = getattr(config, "musubi_block_swap_device", None) or "cpu"
-    try:
-        device = torch.device(raw_device)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type == "meta":
-        raise LongCatVideoError(
-            where="musubi_block_swap_device",
-            value=raw_device,
-            rule="must name a torch device that holds the swapped blocks",
-            fix='use "cpu" (the usual choice) or another accelerator such as "cuda:1"',
-        )
-    compute = torch.device(compute_device)
-    if device.type == compute.type and (device.index or 0) == (compute.index or 0):
-        raise LongCatVideoError(
-            where="musubi_block_swap_device",
-            value=raw_device,
-            rule=f"is the training device ({compute}), so block swap would move nothing",
-            fix="set musubi_blocks_to_swap to 0: block swap streams blocks onto a GPU, and this run trains on the CPU"
-            if compute.type == "cpu"
-            else 'use "cpu", or set musubi_blocks_to_swap to 0',
-        )
-
-
 def _ranges(indices: list[int]) -> str:
     return f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
-
-
-def distill_lora_path(config: object) -> str | None:
-    """``longcat_validation_distill_lora`` as an existing file path, or None when unset."""
-    raw = getattr(config, "longcat_validation_distill_lora", None)
-    if raw in (None, ""):
-        return None
-    path = os.path.expanduser(str(raw))
-    if not os.path.isfile(path):
-        raise LongCatVideoError(
-            where="longcat_validation_distill_lora",
-            value=raw,
-            rule="the distillation LoRA file does not exist",
-            fix=f"point it at <checkpoint>/{spec.DISTILL_LORA_FILE} of the downloaded LongCat-Video, or unset it",
-        )
-    return path
-
-
-def _as_float(value: object) -> float:
-    # Not a number reads as NaN, which fails every range rule below and so gets its message.
-    try:
-        return float(value)
-    except (TypeError, ValueError, OverflowError):
-        return float("nan")
 
 
 def _batched(tensor: torch.Tensor) -> torch.Tensor:

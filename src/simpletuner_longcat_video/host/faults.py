@@ -29,7 +29,7 @@ import torch
 
 from simpletuner_longcat_video.errors import LongCatVideoError
 
-logger = logging.getLogger("simpletuner_longcat_video.faults")
+logger = logging.getLogger("simpletuner_longcat_video.host.faults")
 
 QUARANTINE_SUFFIX = ".corrupt"
 MISSING = "missing: no cache file under this name"
@@ -140,26 +140,6 @@ def checked_latents(fetch: Callable[..., list], filepaths: Sequence[str], data_b
             problem = f"{bad} of {tensor.numel()} values are NaN or inf"
         raise corrupt_latent_error(vae_cache, data_backend_id, str(filepath), _cache_file(vae_cache, filepath), problem)
     return latents
-
-
-def install_latent_check(collate: Any) -> None:
-    """Route the host's ``collate.compute_latents`` through :func:`checked_latents` for our family.
-
-    ``compute_latents`` is the one function every cached latent of a batch passes through (clips
-    and start frames, cached or on demand, with or without an accelerator). Families that do not
-    declare ``CHECKS_CACHED_LATENTS`` get the host's function unchanged.
-    """
-    original = collate.compute_latents
-    if getattr(original, "_longcat_checked", False):
-        return
-
-    def compute_latents(filepaths, data_backend_id, model):
-        if not getattr(model, "CHECKS_CACHED_LATENTS", False):
-            return original(filepaths, data_backend_id, model)
-        return checked_latents(original, filepaths, data_backend_id, model)
-
-    compute_latents._longcat_checked = True  # type: ignore[attr-defined]
-    collate.compute_latents = compute_latents
 
 
 def _non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

@@ -27,13 +27,12 @@ from diffusers.video_processor import VideoProcessor
 from tqdm.auto import tqdm
 
 from simpletuner_longcat_video import spec
-from simpletuner_longcat_video.checkpoint import check_checkpoint_layout
-from simpletuner_longcat_video.data import check_frames, check_size
+from simpletuner_longcat_video.core.checkpoint import check_checkpoint_layout
+from simpletuner_longcat_video.core.text import encode_prompts
+from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.text import encode_prompts
-from simpletuner_longcat_video.transformer import LongCatVideoTransformer3DModel
 
-logger = logging.getLogger("simpletuner_longcat_video.pipeline")
+logger = logging.getLogger("simpletuner_longcat_video.core.pipeline")
 
 SIGMA_MIN = 0.001
 
@@ -74,8 +73,8 @@ def cfg_zero(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) ->
 
 def check_video_size(height: int, width: int, num_frames: int, *, where: str = "pipeline call") -> None:
     """The geometry rules of ``data``: H and W divisible by 16, and (frames - 1) % 4 == 0."""
-    check_size(width, height, f"{where}: width x height")
-    check_frames(num_frames, f"{where}: num_frames")
+    spec.check_size(width, height, f"{where}: width x height")
+    spec.check_frames(num_frames, f"{where}: num_frames")
 
 
 class LongCatVideoLoraLoaderMixin(CogVideoXLoraLoaderMixin):

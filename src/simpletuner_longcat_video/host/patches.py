@@ -1,16 +1,13 @@
-"""Discovery: how an unmodified SimpleTuner finds plugin model families.
+"""Every run-time change of SimpleTuner, one function each: what it changes, why, the host version.
 
-SimpleTuner 4.10.1 has no entry-point group for model families, so this package defines one,
-``simpletuner.model_families``, and makes the host honour it: ``_autoload`` (run at interpreter
-start through a ``.pth`` file) calls :func:`register_entry_points` right after the host's
-``ModelRegistry`` module has executed, in every process of the environment (``simpletuner train``,
-``simpletuner-train``, ``simpletuner server``, ``accelerate launch`` workers).
+SimpleTuner 4.10.1 offers no hook for any of these. ``_autoload.HOOKS`` names, for each host
+module, the function here that is called once that module has executed; that table is the one
+place the patches are applied from, and ``docs/plugin.md`` lists each with its reason. Functions
+that take a host module leave it alone when called twice. Where a patch changes behaviour, it does
+so only for this plugin's family; every other family gets the host's function unchanged.
 
-Families are registered lazily (the host's own ``LazyModelClass`` with metadata read from the
-plugin's ``plugin_manifest.toml``), so listing families imports neither torch nor the family.
-Plugin families win over the host's built-ins of the same name: ``ModelRegistry.register`` is
-wrapped so that a built-in registering itself later (its module registers on import) is ignored.
-Only the standard library is imported here.
+Supported mechanisms are not patches: the config keys go through the host's field registry
+(``fields.register_fields``), the family through its model registry (``discovery``).
 """
 
 from __future__ import annotations
@@ -18,185 +15,47 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tomllib
-from dataclasses import dataclass, field
-from importlib import metadata, resources
 from typing import Any
 
-FAMILY_GROUP = "simpletuner.model_families"
-ATTENTION_GROUP = "simpletuner.attention_backends"
-MANIFEST_NAME = "plugin_manifest.toml"
+from simpletuner_longcat_video.host import discovery
 
-logger = logging.getLogger("simpletuner_longcat_video.plugin")
+logger = logging.getLogger("simpletuner_longcat_video.host.patches")
 
 
-def _ensure_log_handler() -> None:
-    # The host configures its own loggers, not the root; without a handler our one line would be lost.
-    parent = logging.getLogger("simpletuner_longcat_video")
-    if not parent.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
-        parent.addHandler(handler)
-        parent.setLevel(os.environ.get("SIMPLETUNER_LOG_LEVEL", "INFO").upper())
-        parent.propagate = False
+# simpletuner.helpers.models.registry
 
 
-@dataclass
-class RegistrationState:
-    """What this process registered, kept for the guard, the log and the tests."""
-
-    owners: dict[str, str] = field(default_factory=dict)  # family -> "dist version (module:attr)"
-    targets: dict[str, str] = field(default_factory=dict)  # family -> "module:attr"
-    ignored: list[tuple[str, str]] = field(default_factory=list)  # (family, ignored class path)
-    errors: list[str] = field(default_factory=list)
+def register_family(registry_module: Any) -> None:
+    """The family's entry point into the host's model registry, then the precedence patch."""
+    discovery.register_entry_points(registry_module)
+    keep_plugin_family_over_builtin(registry_module.ModelRegistry)
 
 
-STATE = RegistrationState()
+def keep_plugin_family_over_builtin(registry: Any) -> None:
+    """SimpleTuner 4.10.1: ``ModelRegistry.register``/``get`` wrapped so the plugin's family stays the one used.
 
-
-def read_manifest(package: str) -> dict[str, Any] | None:
-    """The ``plugin_manifest.toml`` shipped inside ``package``, or None if it ships none."""
-    try:
-        text = resources.files(package).joinpath(MANIFEST_NAME).read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError, NotADirectoryError, TypeError):
-        return None
-    return tomllib.loads(text)
-
-
-def _class_path(obj: Any) -> str:
-    real = getattr(obj, "_real_class", None) or obj
-    meta = getattr(obj, "_metadata", None)
-    if real is obj and isinstance(meta, dict) and "module_path" in meta:
-        return f"{meta['module_path']}:{meta['class_name']}"
-    return f"{getattr(real, '__module__', '?')}:{getattr(real, '__qualname__', repr(real))}"
-
-
-class PluginLoadError(RuntimeError):
-    """A plugin's family class could not be imported; names the plugin and the cause."""
-
-
-def _make_proxy_class(lazy_base: type) -> type:
-    """A subclass of the host's LazyModelClass that cannot take the host down.
-
-    The host walks every registered family at start-up (its WebUI field registry reads class
-    attributes of all of them), so a plugin whose module fails to import must not raise there:
-    the failure is logged once, attribute look-ups then behave as "attribute absent", and only
-    actually using the family raises :class:`PluginLoadError`.
-    """
-
-    class PluginFamily(lazy_base):
-        def __init__(self, metadata: dict[str, Any], ep: metadata.EntryPoint, owner: str) -> None:
-            super().__init__(metadata)
-            self._entry_point = ep
-            self._owner = owner
-            self._load_error: PluginLoadError | None = None
-
-        def get_real_class(self) -> type:
-            if self._real_class is None:
-                if self._load_error is None:
-                    try:
-                        self._real_class = self._entry_point.load()
-                    except Exception as exc:
-                        self._load_error = PluginLoadError(
-                            f"plugin {self._owner} could not load model family {self._entry_point.name!r} "
-                            f"from {self._entry_point.value} ({type(exc).__name__}: {exc}); reinstall the plugin "
-                            f"or uninstall it to get the host's built-in family back"
-                        )
-                        self._load_error.__cause__ = exc
-                        STATE.errors.append(str(self._load_error))
-                        logger.error("%s", self._load_error)
-                if self._load_error is not None:
-                    raise self._load_error
-            return self._real_class
-
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return self.get_real_class()(*args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            if name.startswith("_"):
-                raise AttributeError(name)
-            try:
-                real = self.get_real_class()
-            except PluginLoadError as exc:
-                raise AttributeError(f"{name} (unavailable: {exc})") from exc
-            return getattr(real, name)
-
-        def __repr__(self) -> str:
-            return f"<plugin family {self._entry_point.name} = {self._entry_point.value} from {self._owner}>"
-
-    return PluginFamily
-
-
-def _family_metadata(ep: metadata.EntryPoint) -> dict[str, Any]:
-    """Metadata for the host's LazyModelClass, from the owning package's manifest when it has one."""
-    top_package = ep.module.split(".")[0]
-    manifest = read_manifest(top_package) or {}
-    for family in manifest.get("families", []):
-        if family.get("name") == ep.name and family.get("class") == ep.value:
-            return {
-                "name": family["display_name"],
-                "flavour_choices": list(family["flavours"]),
-                "module_path": ep.module,
-                "class_name": ep.attr,
-                "prediction_type": family.get("prediction_type"),
-            }
-    # A plugin without a manifest entry: load the class now to read what the host needs.
-    cls = ep.load()
-    flavours = list(getattr(cls, "get_flavour_choices", lambda: [])())
-    prediction = getattr(getattr(cls, "PREDICTION_TYPE", None), "value", None)
-    return {
-        "name": getattr(cls, "NAME", ep.name),
-        "flavour_choices": flavours,
-        "module_path": ep.module,
-        "class_name": ep.attr,
-        "prediction_type": prediction,
-    }
-
-
-def _check_host_version(dist: metadata.Distribution) -> str | None:
-    """An error message if the installed host is outside the range this plugin declares."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # packaging ships with the host; without it, skip rather than guess
-        return None
-    try:
-        host_version = metadata.version("simpletuner")
-    except metadata.PackageNotFoundError:
-        return None
-    for raw in dist.requires or []:
-        req = Requirement(raw)
-        if req.name.lower() == "simpletuner" and not req.specifier.contains(host_version, prereleases=True):
-            return (
-                f"plugin {dist.metadata['Name']} {dist.version} supports simpletuner{req.specifier}, "
-                f"but simpletuner {host_version} is installed; install a supported host "
-                f"(pip install 'simpletuner{req.specifier}') or a plugin release made for {host_version}"
-            )
-    return None
-
-
-def _install_guards(registry: Any) -> None:
-    """Wrap ``ModelRegistry.register`` and ``.get`` once per process.
-
-    ``register``: plugin-owned families are immune to later built-in registrations (the host's
-    built-in module registers itself whenever it is imported). ``get``: a plugin family is handed
-    out as its real class once it imports, so callers that inspect classes (the WebUI's model
-    details, ``issubclass`` checks) see ours rather than a proxy; listing stays lazy.
+    ``register``: the host's built-in ``longcat_video`` module registers itself whenever it is
+    imported, which would replace ours at a moment nobody controls; a family the plugin owns
+    ignores later registrations. ``get``: the family is handed out as its real class once it
+    imports, so callers that inspect classes (the WebUI's model details, ``issubclass`` checks) see
+    ours rather than the lazy proxy; listing stays lazy.
     """
     register_func = getattr(registry.__dict__.get("register"), "__func__", None)
     get_func = getattr(registry.__dict__.get("get"), "__func__", None)
     if register_func is None or get_func is None or getattr(register_func, "_plugin_guard", False):
         return
+    state = discovery.STATE
 
     def register(cls: Any, family: str, model_class: Any) -> None:
         key = family.lower()
-        owner = STATE.targets.get(key)
-        if owner is not None and _class_path(model_class) != owner:
-            STATE.ignored.append((key, _class_path(model_class)))
+        owner = state.targets.get(key)
+        if owner is not None and discovery.class_path(model_class) != owner:
+            state.ignored.append((key, discovery.class_path(model_class)))
             logger.debug(
                 "ignored %s registering itself as %r: plugin %s owns that family",
-                _class_path(model_class),
+                discovery.class_path(model_class),
                 key,
-                STATE.owners[key],
+                state.owners[key],
             )
             return
         register_func(cls, family, model_class)
@@ -218,62 +77,7 @@ def _install_guards(registry: Any) -> None:
     registry.get = classmethod(get)
 
 
-def register_entry_points(registry_module: Any) -> RegistrationState:
-    """Register every ``simpletuner.model_families`` entry point into the host's registry."""
-    _ensure_log_handler()
-    registry = registry_module.ModelRegistry
-    proxy_class = _make_proxy_class(registry_module.LazyModelClass)
-    registry._load_metadata()
-    for ep in metadata.entry_points(group=FAMILY_GROUP):
-        dist = ep.dist
-        dist_label = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "unknown distribution"
-        try:
-            if dist is not None:
-                version_error = _check_host_version(dist)
-                if version_error:
-                    raise RuntimeError(version_error)
-            family = ep.name.lower()
-            meta = _family_metadata(ep)
-            # Resolve the module's location now (without executing it) so a typo fails here, loudly.
-            from importlib.util import find_spec
-
-            if find_spec(ep.module) is None:
-                raise ModuleNotFoundError(f"no module named {ep.module!r}")
-            builtin = registry._metadata.get(family)
-            replaced = registry._registry.get(family)
-            STATE.owners[family] = f"{dist_label} ({ep.value})"
-            STATE.targets[family] = ep.value
-            registry._registry[family] = proxy_class(meta, ep, STATE.owners[family])
-            if replaced is not None or builtin is not None:
-                shadowed = (
-                    _class_path(replaced)
-                    if replaced is not None
-                    else (f"{builtin['module_path']}:{builtin['class_name']}")
-                )
-                why = f"it replaces the built-in {shadowed}: installed plugin families take precedence over the host's"
-            else:
-                why = "no built-in family of that name exists"
-            logger.info(
-                "model family %r is provided by plugin %s via entry point group %s; %s",
-                family,
-                STATE.owners[family],
-                FAMILY_GROUP,
-                why,
-            )
-        except Exception as exc:
-            message = (
-                f"plugin {dist_label}: entry point '{ep.name} = {ep.value}' in group {FAMILY_GROUP} "
-                f"failed and was skipped ({type(exc).__name__}: {exc}); the host continues without it"
-            )
-            STATE.errors.append(message)
-            logger.error(message)
-    _install_guards(registry)
-    return STATE
-
-
-def attention_backend_entry_points() -> list[metadata.EntryPoint]:
-    """Entry points of the ``simpletuner.attention_backends`` group (loaded by the attention seam)."""
-    return list(metadata.entry_points(group=ATTENTION_GROUP))
+# simpletuner.simpletuner_sdk.server.services.field_registry.registry
 
 
 class HostDefault(float):
@@ -284,8 +88,8 @@ class HostDefault(float):
 
 
 def extend_host_fields(registry_module: Any) -> None:
-    """Everything the plugin adds to the host's field registry (its CLI parser and WebUI forms)."""
-    from simpletuner_longcat_video.fields import register_fields
+    """The plugin's keys through the supported mechanism (``fields.register_fields``), then one patch."""
+    from simpletuner_longcat_video.host.fields import register_fields
 
     registry = registry_module.field_registry
     register_fields(registry)
@@ -297,7 +101,7 @@ def mark_flow_shift_as_host_default(registry: Any) -> None:
 
     The host's ``flow_schedule_shift`` field has one default (3.0) for every family and the parsed
     config cannot say whether the user wrote it; LongCat-Video samples with 12.0 unless the user
-    set a shift (``family.apply_flow_shift_default``). The field's default becomes a
+    set a shift (``settings.apply_flow_shift_default``). The field's default becomes a
     :class:`HostDefault` of the same value, which every other family, the parser and the WebUI
     read as that float.
     """
@@ -305,6 +109,9 @@ def mark_flow_shift_as_host_default(registry: Any) -> None:
     shift = getattr(field, "default_value", None)
     if isinstance(shift, (int, float)) and not isinstance(shift, (bool, HostDefault)):
         field.default_value = HostDefault(shift)
+
+
+# simpletuner.helpers.data_backend.factory
 
 
 def extend_host_data_config(factory: Any) -> None:
@@ -331,12 +138,36 @@ def extend_host_data_config(factory: Any) -> None:
     registry.load_configuration = load_configuration
 
 
+# simpletuner.helpers.training.collate
+
+
 def extend_host_collate(collate: Any) -> None:
     """Everything the plugin changes in the host's batch collation module, once it has executed."""
-    from simpletuner_longcat_video.faults import install_latent_check
-
-    install_latent_check(collate)
+    check_cached_latents(collate)
     skip_pinning_without_accelerator(collate)
+
+
+def check_cached_latents(collate: Any) -> None:
+    """SimpleTuner 4.10.1: ``collate.compute_latents`` routed through ``faults.checked_latents`` for this family.
+
+    ``compute_latents`` is the one function every cached latent of a batch passes through (clips
+    and start frames, cached or on demand, with or without an accelerator); the host trains on a
+    truncated or non-finite cache file, or fails deep inside the step without naming it. For the
+    LongCat-Video family each latent is checked and a bad one is refused by file name.
+    """
+    original = collate.compute_latents
+    if getattr(original, "_plugin_wrapped", False):
+        return
+
+    def compute_latents(filepaths, data_backend_id, model):
+        if not is_longcat(model):
+            return original(filepaths, data_backend_id, model)
+        from simpletuner_longcat_video.host.faults import checked_latents
+
+        return checked_latents(original, filepaths, data_backend_id, model)
+
+    compute_latents._plugin_wrapped = True  # type: ignore[attr-defined]
+    collate.compute_latents = compute_latents
 
 
 def skip_pinning_without_accelerator(collate: Any) -> None:
@@ -364,15 +195,23 @@ def skip_pinning_without_accelerator(collate: Any) -> None:
     logger.info("no accelerator: SimpleTuner's latent fetch runs without pinning memory (a no-op on CPU)")
 
 
+def is_longcat(model: Any) -> bool:
+    """Whether ``model`` is this plugin's family (without importing it: an unimported family is not in use)."""
+    family = sys.modules.get("simpletuner_longcat_video.host.family")
+    return family is not None and isinstance(model, family.LongCatVideo)
+
+
 def _longcat_model() -> Any:
     """The host's current model when it is this plugin's LongCat-Video family, else None."""
-    family = sys.modules.get("simpletuner_longcat_video.family")
-    if family is None:  # never imported: the run is not ours
+    if sys.modules.get("simpletuner_longcat_video.host.family") is None:  # never imported: the run is not ours
         return None
     from simpletuner.helpers.training.state_tracker import StateTracker
 
     model = StateTracker.get_model()
-    return model if isinstance(model, family.LongCatVideo) else None
+    return model if is_longcat(model) else None
+
+
+# simpletuner.helpers.training.validation
 
 
 def extend_host_validation(validation: Any) -> None:
@@ -492,6 +331,9 @@ def _stitched_file_label(frames: Any, label: str, generated: tuple[int, int] | N
         canvas.paste(frame.convert("RGB"), (0, 0))
         padded.append(canvas)
     return padded, f"{size}-stitched-{grid[0]}x{grid[1]}"
+
+
+# simpletuner.cli
 
 
 def add_train_config_option(cli: Any) -> None:

@@ -5,11 +5,11 @@ SimpleTuner 4.10.1 builds ``simpletuner train``'s argument parser
 ``simpletuner_sdk/server/services/field_registry/registry.field_registry``; its own families add
 their keys with a ``register_fields(registry)`` function (``helpers/models/field_registry/wan.py``).
 :func:`register_fields` does the same for ``spec.CONFIG_OPTIONS``, so the trainer accepts the keys
-and the WebUI shows and saves them. ``_autoload`` calls it (through ``plugin.extend_host_fields``)
+and the WebUI shows and saves them. ``_autoload`` calls it (through ``patches.extend_host_fields``)
 right after the registry module has executed, before anything can build a parser or a form.
 
 Each key keeps its name, type, default, choices and help text; the value rules stay in the family
-(``family.attention_options_from_config``), checked at config time as before, so no range is
+(``settings.read_settings``), checked once at set-up, so no range is
 written here a second time.
 """
 

@@ -106,7 +106,7 @@ def read_clip(path: Path) -> list:
 @torch.no_grad()
 def clip_latents(pipe, frames: Sequence, height: int, width: int) -> torch.Tensor:
     """Normalised latents ``[1, C, T, h, w]`` of a clip, as the family caches them (mode of the posterior)."""
-    from simpletuner_longcat_video.pipeline import normalize_latents
+    from simpletuner_longcat_video.core.pipeline import normalize_latents
 
     pixels = pipe.video_processor.preprocess_video(list(frames), height=height, width=width)
     pixels = pixels.to(device=pipe._execution_device, dtype=pipe.vae.dtype)
@@ -145,7 +145,7 @@ def latent_errors(pipe, pairs: Iterable[Pair], *, steps: int = STEPS, seeds: Seq
 
 def learning_check(checkpoint: str | Path, lora: str | Path, pairs: Sequence[Pair], **options) -> LearningCheck:
     """Latent errors of ``pairs`` sampled from ``checkpoint`` without and with the LoRA file ``lora``."""
-    from simpletuner_longcat_video.pipeline import load_pipeline
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
 
     pipe = load_pipeline(str(checkpoint))
     before = latent_errors(pipe, pairs, **options)

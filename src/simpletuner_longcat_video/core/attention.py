@@ -7,9 +7,12 @@ runs. This module owns three decisions:
 * the image-to-video split. The first ``num_cond_tokens`` tokens are the clean condition frames:
   their queries see only condition keys, while the noisy queries see every key. The split is done
   here, once, so every backend only ever implements plain (optionally block-sparse) attention;
-* which backend runs a call. Backends live in a registry filled by :func:`register_backend`, by
-  the built-ins ``"sdpa"`` and ``"xformers"``, and lazily by the ``simpletuner.attention_backends``
-  entry-point group (that is how the block-sparse Triton kernel plugs in);
+* which backend runs a call. Backends are :class:`Backend` records in a registry filled by
+  :func:`register_backend`: the built-ins ``"sdpa"`` and ``"xformers"``, and lazily the
+  ``simpletuner.attention_backends`` entry-point group, whose entries name a :class:`Backend`
+  (that is how the block-sparse Triton kernel plugs in). ``"auto"`` takes the first available
+  backend that declares itself a candidate for it and can serve the call (device, frame count),
+  else SDPA; no backend name is written into the seam;
 * what happens when a backend fails. A backend that raises is reported once and replaced by SDPA
   for the rest of the process, because a kernel problem must cost speed, never a training run.
 
@@ -28,9 +31,6 @@ exception retires it. Only the forward call is guarded: an error raised later by
 ``backward`` cannot be caught here, so a kernel should compile and check its backward before it
 reports itself available.
 
-Entry points (``[project.entry-points."simpletuner.attention_backends"]``, ``name = "module:obj"``)
-may name a backend function, an object with ``__call__``, or a class instantiated without
-arguments; an ``is_available`` method (or boolean attribute) on it is the availability probe.
 A backend registered in code under the same name wins over the entry point.
 """
 
@@ -48,18 +48,14 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .context_parallel import FrameShard
+    from simpletuner_longcat_video.core.context_parallel import FrameShard
 
-logger = logging.getLogger("simpletuner_longcat_video.attention")
+logger = logging.getLogger("simpletuner_longcat_video.core.attention")
 
 ENTRY_POINT_GROUP = "simpletuner.attention_backends"
-BACKEND_CHOICES = ("auto", "sdpa", "xformers", "block_sparse")
 FALLBACK_BACKEND = "sdpa"
 
 Grid = tuple[int, int, int]
-
-# 3D-chunked backends have nothing to chunk in a single frame; such calls stay dense.
-_DENSE_FOR_SINGLE_FRAME = frozenset({"block_sparse"})
 
 
 class AttentionBackend(Protocol):
@@ -84,7 +80,11 @@ class BackendDeclined(NotImplementedError):
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """How self-attention should run; the defaults are upstream's block-sparse settings."""
+    """How self-attention should run: the backend, and the block-sparse settings (upstream's defaults).
+
+    The values are checked by the backends that read them (:attr:`Backend.check_options`), through
+    :func:`check_options`; the seam only normalises the chunk to a tuple of ints.
+    """
 
     backend: str = "auto"
     sparsity: float = 0.875
@@ -92,14 +92,32 @@ class AttentionOptions:
     cdf_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"AttentionOptions.sparsity = {self.sparsity!r}: must lie in [0, 1)")
-        if len(self.chunk) != 3 or any(int(c) < 1 for c in self.chunk):
-            raise ValueError(f"AttentionOptions.chunk = {self.chunk!r}: must be three positive ints (T, H, W)")
-        if self.cdf_threshold is not None and not 0.0 < self.cdf_threshold <= 1.0:
-            raise ValueError(f"AttentionOptions.cdf_threshold = {self.cdf_threshold!r}: must lie in (0, 1] or be None")
         # A frozen dataclass still lets us normalise list input (JSON configs give lists).
         object.__setattr__(self, "chunk", tuple(int(c) for c in self.chunk))
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A self-attention backend: the function, when it may run, and how it checks its options.
+
+    ``attend`` follows the signature in the module docstring. ``is_available`` is asked once, lazily,
+    before the backend is first chosen. ``auto`` makes it a candidate for ``"auto"``; a candidate
+    serves only tensors on ``device_types`` (empty: any). Calls whose query or key grid has fewer
+    than ``min_frames`` frames go to SDPA (a 3D-chunked kernel has nothing to skip in one frame).
+    ``check_options`` raises for options the backend cannot run with.
+    """
+
+    name: str
+    attend: AttentionBackend
+    is_available: Callable[[], bool] = _always
+    auto: bool = False
+    device_types: tuple[str, ...] = ()
+    min_frames: int = 1
+    check_options: Callable[[AttentionOptions], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,29 +151,26 @@ class AttentionContext:
 
 @dataclass
 class _Registered:
-    name: str
-    fn: AttentionBackend
-    is_available: Callable[[], bool] | None
+    backend: Backend
     available: bool | None = None  # cached answer; availability does not change within a process
 
     def check_available(self) -> bool:
         if self.available is None:
-            if self.is_available is None:
-                self.available = True
-            else:
-                try:
-                    # A probe may run autograd (the block-sparse one runs a backward). Asked inside
-                    # a checkpointed forward, its saved tensors would go through the checkpoint's
-                    # hooks in the forward but not in the recomputation (the answer is cached), and
-                    # torch refuses that backward ("a different number of tensors was saved"). The
-                    # probe's own tensors get their own, plain hooks.
-                    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), torch.enable_grad():
-                        self.available = bool(self.is_available())
-                except Exception as exc:  # a probe that crashes means "not available", not a crash
-                    logger.warning(
-                        "attention backend %r: is_available() raised %r; treating it as unavailable", self.name, exc
-                    )
-                    self.available = False
+            try:
+                # A probe may run autograd (the block-sparse one runs a backward). Asked inside
+                # a checkpointed forward, its saved tensors would go through the checkpoint's
+                # hooks in the forward but not in the recomputation (the answer is cached), and
+                # torch refuses that backward ("a different number of tensors was saved"). The
+                # probe's own tensors get their own, plain hooks.
+                with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), torch.enable_grad():
+                    self.available = bool(self.backend.is_available())
+            except Exception as exc:  # a probe that crashes means "not available", not a crash
+                logger.warning(
+                    "attention backend %r: is_available() raised %r; treating it as unavailable",
+                    self.backend.name,
+                    exc,
+                )
+                self.available = False
         return self.available
 
 
@@ -182,24 +197,22 @@ def _log_once(level: int, message: str, *args: Any) -> None:
     logger.log(level, message, *args)
 
 
-def register_backend(
-    name: str,
-    fn: AttentionBackend,
-    is_available: Callable[[], bool] | None = None,
-) -> None:
+def register_backend(backend: Backend) -> None:
     """Add or replace a self-attention backend.
 
-    ``is_available`` is asked once, lazily, before the backend is first chosen; ``None`` means
-    always available. The fallback ``"sdpa"`` cannot be replaced, since it is what failures land on.
+    The fallback ``"sdpa"`` cannot be replaced, since it is what failures land on.
     """
+    name = backend.name if isinstance(backend, Backend) else None
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend({backend!r}): pass an attention.Backend")
     if not name or name == "auto":
         raise ValueError(f"register_backend(name={name!r}): 'auto' and the empty name are reserved")
     if name == FALLBACK_BACKEND and FALLBACK_BACKEND in _REGISTRY:
         raise ValueError(f"register_backend(name={name!r}): the SDPA fallback cannot be replaced")
-    if not callable(fn):
-        raise TypeError(f"register_backend(name={name!r}): backend {fn!r} is not callable")
+    if not callable(backend.attend):
+        raise TypeError(f"register_backend(name={name!r}): backend {backend.attend!r} is not callable")
     with _LOCK:
-        _REGISTRY[name] = _Registered(name=name, fn=fn, is_available=is_available)
+        _REGISTRY[name] = _Registered(backend)
         _FAILED.pop(name, None)
 
 
@@ -212,28 +225,12 @@ def unregister_backend(name: str) -> None:
         _FAILED.pop(name, None)
 
 
-def _coerce_entry_point_object(obj: Any) -> tuple[AttentionBackend, Callable[[], bool] | None]:
-    # An entry point may name a class (instantiated without arguments), an instance with
-    # __call__, or a plain function; an ``is_available`` attribute, if any, is the probe.
-    if isinstance(obj, type):
-        obj = obj()
-    if not callable(obj):
-        raise TypeError(f"{obj!r} is not callable")
-    probe = getattr(obj, "is_available", None)
-    if probe is not None and not callable(probe):
-        available = bool(probe)
-
-        def probe() -> bool:
-            return available
-
-    return obj, probe
-
-
 def load_entry_point_backends() -> None:
     """Register the backends of the ``simpletuner.attention_backends`` group, once per process.
 
-    A backend registered in code under the same name wins. A failing entry point is logged and
-    skipped: an optional accelerator must never stop the model from loading.
+    Each entry point names a :class:`Backend`. A backend registered in code under the same name
+    wins. A failing entry point is logged and skipped: an optional accelerator must never stop the
+    model from loading.
     """
     global _entry_points_loaded
     if _entry_points_loaded:  # lock-free fast path (see _log_once)
@@ -251,8 +248,10 @@ def load_entry_point_backends() -> None:
         if ep.name in _REGISTRY:
             continue
         try:
-            fn, probe = _coerce_entry_point_object(ep.load())
-            register_backend(ep.name, fn, probe)
+            backend = ep.load()
+            if not isinstance(backend, Backend) or backend.name != ep.name:
+                raise TypeError(f"{backend!r} is not an attention.Backend named {ep.name!r}")
+            register_backend(backend)
         except Exception as exc:
             logger.warning("skipping attention backend entry point %s = %s: %r", ep.name, ep.value, exc)
             continue
@@ -292,6 +291,19 @@ def _require(name: str) -> _Registered:
     return entry
 
 
+def check_options(options: AttentionOptions) -> AttentionOptions:
+    """``options``, checked by every registered backend that reads them (``auto`` may pick any)."""
+    load_entry_point_backends()
+    for entry in list(_REGISTRY.values()):
+        if entry.backend.check_options is not None:
+            entry.backend.check_options(options)
+    return options
+
+
+def _too_few_frames(backend: Backend, q_grid: Grid, kv_grid: Grid) -> bool:
+    return min(q_grid[0], kv_grid[0]) < backend.min_frames
+
+
 def select_backend(options: AttentionOptions, q: torch.Tensor, q_grid: Grid, kv_grid: Grid) -> str:
     """The name of the backend that will serve this call (after retirements)."""
     requested = options.backend
@@ -299,9 +311,14 @@ def select_backend(options: AttentionOptions, q: torch.Tensor, q_grid: Grid, kv_
         entry = _require(requested)
         if requested in _FAILED:
             return FALLBACK_BACKEND
-        if requested in _DENSE_FOR_SINGLE_FRAME and min(q_grid[0], kv_grid[0]) <= 1:
+        if _too_few_frames(entry.backend, q_grid, kv_grid):
             # Upstream never runs block sparsity on a single frame (images, the condition frame).
-            _log_once(logging.INFO, "attention backend %r -> 'sdpa' for single-frame grids (T == 1)", requested)
+            _log_once(
+                logging.INFO,
+                "attention backend %r -> 'sdpa' for grids of fewer than %d frames",
+                requested,
+                entry.backend.min_frames,
+            )
             return FALLBACK_BACKEND
         if not entry.check_available():
             hint = " (pip install xformers)" if requested == "xformers" else ""
@@ -312,20 +329,23 @@ def select_backend(options: AttentionOptions, q: torch.Tensor, q_grid: Grid, kv_
         return requested
 
     load_entry_point_backends()
-    entry = _REGISTRY.get("block_sparse")
-    if entry is None:
-        choice, reason = FALLBACK_BACKEND, "block_sparse is not registered"
-    elif "block_sparse" in _FAILED:
-        choice, reason = FALLBACK_BACKEND, "block_sparse failed earlier in this process"
-    elif not entry.check_available():
-        choice, reason = FALLBACK_BACKEND, "block_sparse reports itself unavailable"
-    elif q.device.type != "cuda":
-        choice, reason = FALLBACK_BACKEND, f"block_sparse needs CUDA tensors, these are on {q.device.type}"
-    elif min(q_grid[0], kv_grid[0]) <= 1:
-        # Mirrors upstream: single-frame attention (images, the condition frame) stays dense.
-        choice, reason = FALLBACK_BACKEND, "single-frame grid (T == 1) stays dense"
-    else:
-        choice, reason = "block_sparse", "registered, available, CUDA tensors, T > 1"
+    choice, reason = FALLBACK_BACKEND, "no backend is a candidate for auto"
+    for name, entry in sorted(_REGISTRY.items()):
+        backend = entry.backend
+        if not backend.auto:
+            continue
+        if name in _FAILED:
+            reason = f"{name} failed earlier in this process"
+        elif not entry.check_available():
+            reason = f"{name} reports itself unavailable"
+        elif backend.device_types and q.device.type not in backend.device_types:
+            reason = f"{name} needs {'/'.join(backend.device_types)} tensors, these are on {q.device.type}"
+        elif _too_few_frames(backend, q_grid, kv_grid):
+            # Mirrors upstream: single-frame attention (images, the condition frame) stays dense.
+            reason = f"grids of fewer than {backend.min_frames} frames stay dense"
+        else:
+            choice, reason = name, f"registered, available, {q.device.type} tensors, T >= {backend.min_frames}"
+            break
     _log_once(logging.INFO, "attention backend 'auto' -> %r: %s", choice, reason)
     return choice
 
@@ -334,11 +354,11 @@ def _run_backend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_grid: Grid, kv_grid: Grid, options: AttentionOptions
 ) -> torch.Tensor:
     name = select_backend(options, q, q_grid, kv_grid)
-    entry = _REGISTRY[name]
+    attend = _REGISTRY[name].backend.attend
     if name == FALLBACK_BACKEND:
-        return entry.fn(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
+        return attend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
     try:
-        return entry.fn(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
+        return attend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
     except torch.OutOfMemoryError:
         # Running out of memory is the caller's problem; retiring the backend would hide it.
         raise
@@ -362,7 +382,7 @@ def _run_backend(
                 exc,
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
-    return _REGISTRY[FALLBACK_BACKEND].fn(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
+    return _REGISTRY[FALLBACK_BACKEND].backend.attend(q, k, v, q_grid=q_grid, kv_grid=kv_grid, options=options)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -484,16 +504,17 @@ def xformers_backend(
     return out.transpose(1, 2)
 
 
-register_backend(FALLBACK_BACKEND, sdpa_backend)
-register_backend("xformers", xformers_backend, xformers_available)
+register_backend(Backend(FALLBACK_BACKEND, sdpa_backend))
+register_backend(Backend("xformers", xformers_backend, xformers_available))
 
 __all__ = [
-    "BACKEND_CHOICES",
     "ENTRY_POINT_GROUP",
     "AttentionBackend",
+    "Backend",
     "AttentionContext",
     "AttentionOptions",
     "BackendDeclined",
+    "check_options",
     "dispatch_attention",
     "dispatch_cross_attention",
     "failed_backends",

@@ -12,7 +12,7 @@ the forward returns float32.
 Token layout: latents ``[B, C, T, H, W]`` are patchified with (1, 2, 2) into ``T*(H/2)*(W/2)``
 tokens, frame-major. For image-to-video the first ``num_cond_latents`` latent frames are clean
 condition frames: in self-attention they see only themselves, and they skip cross-attention.
-All attention goes through :mod:`simpletuner_longcat_video.attention`.
+All attention goes through :mod:`simpletuner_longcat_video.core.attention`.
 """
 
 from __future__ import annotations
@@ -32,15 +32,16 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from .attention import (
+from simpletuner_longcat_video.core.attention import (
     AttentionContext,
     AttentionOptions,
+    check_options,
     dispatch_attention,
     dispatch_cross_attention,
     registered_backends,
 )
-from .context_parallel import FrameShard
-from .errors import LongCatVideoError, listed
+from simpletuner_longcat_video.core.context_parallel import FrameShard
+from simpletuner_longcat_video.errors import LongCatVideoError, listed
 
 logger = logging.getLogger(__name__)
 
@@ -398,45 +399,21 @@ def check_blocks_to_swap(value: object, depth: int, where: str = "musubi_blocks_
     return value
 
 
-def _options_from_legacy_config(
-    enable_flashattn3: bool, enable_flashattn2: bool, enable_xformers: bool, enable_bsa: bool, bsa_params: dict | None
-) -> AttentionOptions:
-    # The official config names its kernels with upstream's switches. Flash-attention 2/3 map to
-    # "auto" (SDPA reaches the same flash kernels); block-sparse and xFormers map to themselves.
-    kwargs: dict[str, Any] = {}
-    if bsa_params:
-        if "sparsity" in bsa_params:
-            kwargs["sparsity"] = float(bsa_params["sparsity"])
-        if bsa_params.get("cdf_threshold") is not None:
-            kwargs["cdf_threshold"] = float(bsa_params["cdf_threshold"])
-        chunk_q = bsa_params.get("chunk_3d_shape_q")
-        chunk_k = bsa_params.get("chunk_3d_shape_k")
-        if chunk_q is not None:
-            kwargs["chunk"] = tuple(chunk_q)
-        if chunk_k is not None and chunk_q is not None and tuple(chunk_k) != tuple(chunk_q):
-            logger.warning(
-                "bsa_params chunk_3d_shape_k %s differs from chunk_3d_shape_q %s; using the latter for both",
-                chunk_k,
-                chunk_q,
-            )
-    backend = "auto"
-    if enable_bsa:
-        if "block_sparse" in registered_backends():
-            backend = "block_sparse"
-        else:
-            logger.warning("config enable_bsa=true but no 'block_sparse' attention backend is installed; using 'auto'")
-    elif enable_xformers:
-        backend = "xformers"
-    return AttentionOptions(backend=backend, **kwargs)
+# Upstream's run-time switches, which the official dit/config.json carries: accepted on load and
+# dropped. Here attention is run-time state (set_attention_options) and context parallelism is
+# enable_context_parallel, so the config holds the architecture only (as diffusers' models do).
+UPSTREAM_RUNTIME_KEYS = frozenset(
+    {"enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "bsa_params", "cp_split_hw"}
+)
 
 
 class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """LongCat-Video DiT: 48 single-stream blocks, hidden 4096, 32 heads, patch (1, 2, 2).
 
-    The config fields are those of the official ``dit/config.json``. ``enable_flashattn2/3``,
-    ``enable_xformers``, ``enable_bsa`` and ``bsa_params`` only seed :attr:`attention_options`
-    (see :meth:`set_attention_options`); ``cp_split_hw`` (upstream's inference-time spatial
-    split) must be unset or ``[1, 1]``: context parallelism here is :meth:`enable_context_parallel`. ``text_tokens_zero_pad`` follows upstream: when true, padded text tokens are
+    The config holds the architecture only: the fields of the official ``dit/config.json`` except
+    upstream's run-time switches (:data:`UPSTREAM_RUNTIME_KEYS`), which are accepted on load and
+    ignored. Attention (backend and block-sparse settings) is run-time state, set through
+    :meth:`set_attention_options`. ``text_tokens_zero_pad`` follows upstream: when true, padded text tokens are
     zeroed after the caption projection and then attended to like real tokens, so prompts must
     be padded to the inference length (512) and the mask passed; when false, padded tokens are
     masked out of cross-attention exactly and the padding length does not matter.
@@ -460,6 +437,12 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ]
     # Tiny weights that upstream applies in float32; cheap to keep there.
     _keep_in_fp32_modules = ["t_embedder", "q_norm", "k_norm", "pre_crs_attn_norm"]
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict, **kwargs: Any) -> Any:
+        """diffusers' config reader, minus upstream's run-time switches (silently: they are expected)."""
+        kept = {key: value for key, value in config_dict.items() if key not in UPSTREAM_RUNTIME_KEYS}
+        return super().extract_init_dict(kept, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
@@ -515,12 +498,6 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         adaln_tembed_dim: int = 512,
         frequency_embedding_size: int = 256,
         patch_size: tuple[int, int, int] = (1, 2, 2),
-        enable_flashattn3: bool = False,
-        enable_flashattn2: bool = False,
-        enable_xformers: bool = False,
-        enable_bsa: bool = False,
-        bsa_params: dict | None = None,
-        cp_split_hw: list[int] | None = None,
         text_tokens_zero_pad: bool = False,
     ) -> None:
         super().__init__()
@@ -531,14 +508,6 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 value=list(patch_size),
                 rule="the patch must be 3D and must not compress time (patch_size[0] == 1)",
                 fix="use the official [1, 2, 2]",
-            )
-        if cp_split_hw is not None and math.prod(cp_split_hw) != 1:
-            raise LongCatVideoError(
-                where="dit config cp_split_hw",
-                value=cp_split_hw,
-                rule="upstream's spatial inference split is not used by this transformer",
-                fix="leave cp_split_hw unset (or [1, 1]); for context parallelism set the trainer's "
-                "context_parallel_size",
             )
         self.patch_size = patch_size
         self.out_channels = out_channels
@@ -556,15 +525,40 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._checkpoint_backend = "torch"
         self._musubi_block_swap = None  # the host's MusubiBlockSwapManager, found by this name
         self._cp_group = None  # torch.distributed group sharing one sample's frames
-        self.attention_options = _options_from_legacy_config(
-            enable_flashattn3, enable_flashattn2, enable_xformers, enable_bsa, bsa_params
-        )
+        self.attention_options = AttentionOptions()
+
+    # Two parts of a memory option come from the trainer that runs the model, so the model imports
+    # none: the block-swap manager (called with block indices, device, logger) and the checkpoint
+    # function that parks saved block inputs in CPU memory ("unsloth"). host/family.py supplies
+    # SimpleTuner's through use_trainer_parts when it is imported.
+    _trainer_parts: dict[str, Any] = {}
+
+    @classmethod
+    def use_trainer_parts(cls, **parts: Any) -> None:
+        """Supply ``block_swap_manager`` and/or ``offloaded_checkpoint`` (see the comment above)."""
+        unknown = set(parts) - {"block_swap_manager", "offloaded_checkpoint"}
+        if unknown:
+            raise TypeError(f"use_trainer_parts: unknown parts {sorted(unknown)}")
+        cls._trainer_parts = {**cls._trainer_parts, **parts}
+
+    def _trainer_part(self, name: str, where: str) -> Any:
+        part = self._trainer_parts.get(name)
+        if part is None:
+            raise LongCatVideoError(
+                where=where,
+                value=name,
+                rule="this memory option runs through the trainer's implementation, and none was supplied",
+                fix="train through SimpleTuner (importing simpletuner_longcat_video.host.family supplies it), "
+                "or call LongCatVideoTransformer3DModel.use_trainer_parts first",
+            )
+        return part
 
     def set_attention_options(self, options: AttentionOptions | None = None, **changes: Any) -> AttentionOptions:
         """Replace (``options``) and/or edit (keyword fields) the self-attention options; returns them.
 
-        ``backend`` is one of ``"auto"``, ``"sdpa"``, ``"xformers"``, ``"block_sparse"`` or any name
-        registered with :func:`simpletuner_longcat_video.attention.register_backend`.
+        ``backend`` is ``"auto"`` or the name of a registered backend
+        (:func:`simpletuner_longcat_video.core.attention.register_backend`, or the entry-point group);
+        the options are checked by every backend that reads them.
         """
         new = dataclasses.replace(options or self.attention_options, **changes)
         # Asked here, outside any forward: every availability probe runs now (the block-sparse one
@@ -577,6 +571,15 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 rule=f"no such backend is registered (known: auto, {', '.join(known)})",
                 fix="install the package that provides it, or choose 'auto' or 'sdpa'",
             )
+        try:
+            check_options(new)
+        except ValueError as error:
+            raise LongCatVideoError(
+                where="attention options",
+                value=new,
+                rule=f"a backend that reads them refuses them ({error})",
+                fix="use values inside the rule named (the defaults are upstream's)",
+            ) from error
         self.attention_options = new
         return new
 
@@ -592,11 +595,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if blocks_to_swap == 0:
             self._musubi_block_swap = None
             return
-        from simpletuner.helpers.musubi_block_swap import MusubiBlockSwapManager
-
-        self._musubi_block_swap = MusubiBlockSwapManager(
-            list(range(depth - blocks_to_swap, depth)), torch.device(device), logger
-        )
+        manager = self._trainer_part("block_swap_manager", "musubi_blocks_to_swap")
+        self._musubi_block_swap = manager(list(range(depth - blocks_to_swap, depth)), torch.device(device), logger)
 
     def _place_swapped_trainables(self, device: torch.device) -> None:
         # The host adds the LoRA while the DiT is in CPU memory and then moves every block but the
@@ -641,7 +641,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         All ranks of the group must call forward with the same inputs; each computes its frames,
         self-attention is made whole by an all-to-all over heads, and every rank returns the whole
-        prediction. See :mod:`simpletuner_longcat_video.context_parallel` for the gradient rule.
+        prediction. See :mod:`simpletuner_longcat_video.core.context_parallel` for the gradient rule.
         """
         if group is not None and self.config.num_heads % dist.get_world_size(group):
             raise LongCatVideoError(
@@ -697,8 +697,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def _run_checkpointed(self, block: nn.Module, *args: Any) -> torch.Tensor:
         if self._checkpoint_backend == "unsloth":
-            from simpletuner.helpers.training.offloaded_gradient_checkpointer import offloaded_checkpoint
-
+            offloaded_checkpoint = self._trainer_part("offloaded_checkpoint", "gradient_checkpointing_backend")
             return offloaded_checkpoint(block, *args, use_reentrant=False)
         return self._gradient_checkpointing_func(block, *args)
 

@@ -10,7 +10,7 @@ SimpleTuner 4.10.1 drops some bad files without stopping (measured with ``simple
 
 Each of these trains on less, or on something else, than the user prepared, and in a paired I2V
 dataset a dropped clip would surface only as a start frame "without a clip". So they are named
-here, with the reason, before anything is encoded (``data.prepare_datasets`` scans every clip
+here, with the reason, before anything is encoded (``datasets.prepare_datasets`` scans every clip
 when SimpleTuner has read the data backend config) and again for what the host left out once it
 has scanned the datasets. Clips the host filters on purpose (smaller than ``minimum_image_size``,
 longer than ``max_frames``) are left to it.
