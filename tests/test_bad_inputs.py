@@ -524,15 +524,20 @@ def test_dit_keys_row(broken_checkpoint, change, named):
         else:
             weights[f"model.{key}"] = weights.pop(key)
 
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
+
+    LongCatVideoTransformer3DModel.check_weight_names(str(broken_checkpoint))  # intact: passes
     key = _edit_dit(broken_checkpoint, edit)
-    error = refusal(load_pipeline, str(broken_checkpoint))
-    assert_named(
-        error,
-        where=f"DiT weights in {broken_checkpoint}/dit",
-        value=named.format(key=key),
-        rule="must hold exactly the official LongCat-Video parameter names",
-        fix="use the unmodified dit/ folder",
-    )
+    # The same refusal from the load and from the header check run before anything is cached.
+    for check in (load_pipeline, LongCatVideoTransformer3DModel.check_weight_names):
+        error = refusal(check, str(broken_checkpoint))
+        assert_named(
+            error,
+            where=f"DiT weights in {broken_checkpoint}/dit",
+            value=named.format(key=key),
+            rule="must hold exactly the official LongCat-Video parameter names",
+            fix="use the unmodified dit/ folder",
+        )
 
 
 def test_dit_wrong_shape_row(broken_checkpoint):
@@ -542,6 +547,16 @@ def test_dit_wrong_shape_row(broken_checkpoint):
         error,
         where=f"DiT weights in {broken_checkpoint}/dit",
         value=f"{key} expected shape",
+        rule="every tensor must have the shape the DiT's config.json gives it",
+        fix="keep the config.json that was saved with these weights",
+    )
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
+
+    header = refusal(LongCatVideoTransformer3DModel.check_weight_names, str(broken_checkpoint))
+    assert_named(
+        header,
+        where=f"DiT weights in {broken_checkpoint}/dit",
+        value=f"1 of another shape, e.g. {key} is [3, 3], expected [",
         rule="every tensor must have the shape the DiT's config.json gives it",
         fix="keep the config.json that was saved with these weights",
     )

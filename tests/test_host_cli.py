@@ -79,11 +79,16 @@ def test_train_config_reaches_our_family(tmp_path):
     # Through the seed's `--config` with an absolute path, run from a folder with no config/ of its
     # own and with a CONFIG_PATH left in the shell that points elsewhere: the file named on the
     # command line is the one the training worker reads (the other tests here use plain
-    # `simpletuner train`, which reads config/config.json).
+    # `simpletuner train`, which reads config/config.json). The chosen config passes every rule
+    # checked before launch (empty official folders), so it is the worker that stops, at the load.
     chosen_root, decoy = tmp_path / "configs", tmp_path / "decoy"
     chosen_root.mkdir()
     decoy.mkdir()
-    _write_config(chosen_root, pretrained_model_name_or_path=str(tmp_path / "no-such-checkpoint"))
+    checkpoint = _fake_layout(chosen_root)
+    (checkpoint / "text_encoder" / "config.json").write_text(
+        '{"model_type": "umt5", "architectures": ["UMT5EncoderModel"]}'
+    )
+    _write_config(chosen_root, pretrained_model_name_or_path=str(checkpoint))
     _write_config(decoy, pretrained_model_name_or_path=str(tmp_path / "decoy-checkpoint"))
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -99,12 +104,24 @@ def test_train_config_reaches_our_family(tmp_path):
     )
     output = result.stdout + result.stderr
     assert "is provided by plugin simpletuner-longcat-video" in output
-    # Past the host's argument parsing and into our family: it is our checkpoint check that stops it.
     assert "error: argument" not in output and "unrecognized arguments" not in output
-    assert f"pretrained_model_name_or_path = '{tmp_path / 'no-such-checkpoint'}'" in output, output[-3000:]
-    assert "a local LongCat-Video checkpoint folder must exist" in output
+    assert "Running: accelerate launch" in output and "refused before launch" not in output
+    # The worker read the chosen file: it stops loading from the chosen (empty) checkpoint.
+    assert f"no file named scheduler_config.json found in directory {checkpoint}" in output, output[-3000:]
     assert "decoy-checkpoint" not in output
     assert result.returncode != 0
+
+
+def test_train_refuses_a_bad_config_before_launch(tmp_path):
+    # The same rule, in the `simpletuner train` process: nothing launches, the message names the file.
+    _write_config(tmp_path, pretrained_model_name_or_path=str(tmp_path / "no-such-checkpoint"))
+    result = _simpletuner("train", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"{tmp_path / 'config' / 'config.json'} refused before launch: " in output
+    assert f"pretrained_model_name_or_path = '{tmp_path / 'no-such-checkpoint'}'" in output, output[-3000:]
+    assert "a local LongCat-Video checkpoint folder must exist" in output
+    assert "Running: accelerate launch" not in output
 
 
 def _fake_layout(root: Path) -> Path:
@@ -123,14 +140,14 @@ def test_train_accepts_plugin_keys_and_names_a_bad_chunk(tmp_path):
         pretrained_model_name_or_path=str(checkpoint),
         attention_implementation="sdpa",
         longcat_bsa_sparsity=0.75,
-        longcat_bsa_chunk="3,3,3",
     )
-    result = _simpletuner("train", cwd=tmp_path)
+    # The bad value comes as an override after `train`: checked with the file's keys, before launch.
+    result = _simpletuner("train", "longcat_bsa_chunk=3,3,3", cwd=tmp_path)
     output = result.stdout + result.stderr
     assert "unrecognized arguments" not in output
     assert "longcat_bsa_chunk = '3,3,3'" in output
     assert "power of two in [16, 256]" in output
-    assert result.returncode != 0
+    assert result.returncode != 0 and "Running: accelerate launch" not in output
 
 
 def test_train_missing_dit_folder_is_named(tmp_path):
@@ -150,6 +167,7 @@ def test_train_unknown_flavour_names_the_valid_ones(tmp_path):
     assert result.returncode != 0
     assert "model_flavour = 'turbo'" in output
     assert "has the flavours ['final']" in output
+    assert "Running: accelerate launch" not in output
     assert os.path.exists(tmp_path / "config" / "config.json")
 
 

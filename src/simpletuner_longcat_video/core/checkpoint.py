@@ -3,8 +3,8 @@
 A local folder must hold the official sub-folders, and its ``text_encoder/`` must be umT5:
 transformers loads any other encoder class (T5, CLIP, Qwen2.5-VL, ...) into ``UMT5EncoderModel``
 with random weights and only logs a table, so a wrong folder would train against noise text
-states. The DiT's own keys are checked where they are loaded
-(``LongCatVideoTransformer3DModel.from_pretrained``). Hub ids are left to the host's download.
+states. The DiT's own keys are checked from its safetensors headers before anything is cached
+(``LongCatVideoTransformer3DModel.check_weight_names``) and again where they are loaded. Hub ids are left to the host's download.
 Only the standard library is imported here: the family and the pipeline both call it first.
 """
 

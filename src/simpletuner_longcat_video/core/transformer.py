@@ -18,8 +18,10 @@ All attention goes through :mod:`simpletuner_longcat_video.core.attention`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -32,6 +34,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.core.attention import (
     AttentionContext,
     AttentionOptions,
@@ -468,22 +471,48 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 fix="keep the config.json that was saved with these weights (the official dit/config.json for "
                 "the official weights)",
             ) from error
-        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing: {listed(missing)}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected: {listed(unexpected)}")
+        _refuse_mismatched_weights(where, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
+        return (model, info) if wants_info else model
+
+    @classmethod
+    def check_weight_names(cls, checkpoint: str) -> None:
+        """The names and shapes in ``checkpoint/dit``'s safetensors headers against this class's weights.
+
+        Reads only the headers (no tensor), so a renamed, truncated or re-shaped ``dit/`` is refused
+        in a second, before the host caches anything, with the same message the load would give.
+        Folders without safetensors files are left to the loader.
+        """
+        from safetensors import safe_open
+
+        folder = os.path.join(os.path.expanduser(checkpoint), spec.DIT_SUBFOLDER)
+        index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as handle:
+                names = sorted(set(json.load(handle).get("weight_map", {}).values()))
+        else:
+            names = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+        if not names or not all(os.path.isfile(os.path.join(folder, name)) for name in names):
+            return
+        found: dict[str, tuple[int, ...]] = {}
+        for name in names:
+            with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                for key in handle.keys():
+                    found[key] = tuple(handle.get_slice(key).get_shape())
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(folder))
+        expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        where = f"DiT weights in {checkpoint}/{spec.DIT_SUBFOLDER}"
+        _refuse_mismatched_weights(where, sorted(set(expected) - set(found)), sorted(set(found) - set(expected)))
+        reshaped = [key for key in expected if key in found and found[key] != expected[key]]
+        if reshaped:
+            key = reshaped[0]
             raise LongCatVideoError(
                 where=where,
-                value="; ".join(parts),
-                rule="the DiT checkpoint must hold exactly the official LongCat-Video parameter names "
-                "(a missing weight would train from random values)",
-                fix="use the unmodified dit/ folder of meituan-longcat/LongCat-Video, or re-save converted "
-                "weights with LongCatVideoTransformer3DModel.save_pretrained",
+                value=f"{len(reshaped)} of another shape, e.g. {key} is {list(found[key])}, expected {list(expected[key])}",
+                rule="every tensor must have the shape the DiT's config.json gives it",
+                fix="keep the config.json that was saved with these weights (the official dit/config.json for "
+                "the official weights)",
             )
-        return (model, info) if wants_info else model
 
     @register_to_config
     def __init__(
@@ -891,3 +920,22 @@ __all__ = [
     "apply_rotary_3d",
     "check_blocks_to_swap",
 ]
+
+
+def _refuse_mismatched_weights(where: str, missing: list[str], unexpected: list[str]) -> None:
+    """A ``LongCatVideoError`` naming missing / unexpected DiT weight names, if there are any."""
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {listed(unexpected)}")
+    raise LongCatVideoError(
+        where=where,
+        value="; ".join(parts),
+        rule="the DiT checkpoint must hold exactly the official LongCat-Video parameter names "
+        "(a missing weight would train from random values)",
+        fix="use the unmodified dit/ folder of meituan-longcat/LongCat-Video, or re-save converted "
+        "weights with LongCatVideoTransformer3DModel.save_pretrained",
+    )

@@ -25,7 +25,6 @@ from torchvision import transforms
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import spec
-from simpletuner_longcat_video.core.checkpoint import check_checkpoint_layout
 from simpletuner_longcat_video.core.conditioning import apply_i2v_condition, drop_condition_frames
 from simpletuner_longcat_video.core.pipeline import LongCatVideoPipeline, normalize_latents
 from simpletuner_longcat_video.core.text import encode_prompts
@@ -38,6 +37,7 @@ from simpletuner_longcat_video.host import datasets, faults
 from simpletuner_longcat_video.host.settings import (
     Settings,
     apply_flow_shift_default,
+    check_checkpoint_weights,
     check_flavour,
     check_run_config,
     read_settings,
@@ -111,7 +111,7 @@ class LongCatVideo(VideoModelFoundation):
         # The host's __init__ loads the scheduler right after this hook, so the plugin's keys are
         # read (once) and checked here, before anything is read from the checkpoint, and then its layout.
         self.__dict__["_settings"] = read_settings(self.config)
-        check_checkpoint_layout(self.config.pretrained_model_name_or_path)
+        check_checkpoint_weights(self.config.pretrained_model_name_or_path)
 
     def check_user_config(self) -> None:
         super().check_user_config()

@@ -370,6 +370,9 @@ def add_train_config_option(cli: Any) -> None:
                     args.env = config_file_as_env(args.config, os.environ)
                 except LongCatVideoError as error:
                     train.error(str(error))
+            refused = refuse_bad_config_before_launch(args)
+            if refused is not None:
+                return refused
             return host_command(args)
 
         train.set_defaults(func=cmd_train)
@@ -377,6 +380,75 @@ def add_train_config_option(cli: Any) -> None:
 
     _add_train_parser._plugin_wrapped = True  # type: ignore[attr-defined]
     cli._add_train_parser = _add_train_parser
+
+
+def refuse_bad_config_before_launch(args: Any) -> int | None:
+    """Check a LongCat-Video config in the ``simpletuner train`` process itself; 1 if refused, else None.
+
+    Part of :func:`add_train_config_option`'s ``train`` command (SimpleTuner 4.10.1 checks a family's
+    config only inside the trainer that ``accelerate launch`` starts, 30-60 s after the command). The
+    JSON config the host would read (``--config``, ``--env``, or ``config/config.json`` found in the
+    working directory) plus the ``key=value`` overrides after ``train`` go through the host's own
+    parser (its defaults included), then through ``settings.check_config_before_launch``. A refusal
+    prints the error and stops before anything launches; anything this check cannot read (another
+    config backend, a config the host's parser rejects) is left to the host as before.
+    """
+    import json
+
+    from simpletuner_longcat_video import spec
+    from simpletuner_longcat_video.errors import LongCatVideoError
+
+    path = _json_config_the_host_reads(args)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError):
+        return None  # the host names an unreadable config itself
+    if not isinstance(raw, dict):
+        return None
+    values = {key if key.startswith("--") else f"--{key}": value for key, value in raw.items()}
+    for arg in getattr(args, "args", None) or []:
+        key, _, value = arg.partition("=")
+        values[key if key.startswith("--") else f"--{key}"] = value if _ else "true"
+    if values.get("--model_family") != spec.FAMILY:
+        return None
+    try:
+        from simpletuner.helpers.configuration.loader import load_config
+
+        config = load_config(values, exit_on_error=False)
+    except (Exception, SystemExit):
+        return None
+    if config is None:
+        return None
+    from simpletuner_longcat_video.host.settings import check_config_before_launch
+
+    try:
+        check_config_before_launch(config)
+    except LongCatVideoError as error:
+        print(f"LongCat-Video: {path} refused before launch: {error}", file=sys.stderr, flush=True)
+        return 1
+    except Exception:  # a rule that needs what only the trainer has: the trainer checks it
+        logger.debug("pre-launch check skipped", exc_info=True)
+    return None
+
+
+def _json_config_the_host_reads(args: Any) -> str | None:
+    """The JSON file ``simpletuner train`` will hand its trainer (the host's own lookup order), or None."""
+    if getattr(args, "example", None):
+        return None
+    env = getattr(args, "env", None)
+    if env:
+        candidates = [env] if env.lower().endswith(".json") else [os.path.join("config", env, "config.json")]
+    else:
+        candidates = ["config.json", os.path.join("config", "config.json")]
+        if any(os.path.exists(name) for name in ("config.toml", "config.env")) and not os.path.exists("config.json"):
+            return None
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    return None
 
 
 def list_plugin_keys_in_train_help(train: Any) -> None:

@@ -56,6 +56,30 @@ def check_run_config(config: object, settings: Settings, compute_device: torch.d
     check_context_parallel_config(config)
 
 
+def check_config_before_launch(config: object) -> None:
+    """Every rule that needs no weights, on the host's parsed config, in the order the family checks them.
+
+    What ``simpletuner train`` runs in its own process before it starts ``accelerate launch``
+    (``patches.refuse_bad_config_before_launch``), so a bad config stops in seconds instead of after
+    the trainer's start-up; the family checks the same rules again in the trainer.
+    """
+    check_flavour(config)
+    settings = read_settings(config)
+    check_checkpoint_weights(getattr(config, "pretrained_model_name_or_path", None))
+    check_run_config(config, settings, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_checkpoint_weights(path: str | None) -> None:
+    """A local checkpoint: its layout, its text encoder's class, and its DiT's weight names and shapes
+    (from the safetensors headers), all before anything is loaded or cached."""
+    from simpletuner_longcat_video.core.checkpoint import check_checkpoint_layout, is_local
+    from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
+
+    check_checkpoint_layout(path)
+    if path and is_local(path):
+        LongCatVideoTransformer3DModel.check_weight_names(path)
+
+
 def check_flavour(config: object) -> None:
     """``model_flavour`` must be one of ``spec.FLAVOURS`` (unset means the default)."""
     # The host checks the flavour only when it has to resolve a hub path; a local checkpoint
