@@ -464,13 +464,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         except ValueError as error:
             if "expected shape" not in str(error):
                 raise
-            raise LongCatVideoError(
-                where=where,
-                value=str(error).split(". ", 1)[0],
-                rule="every tensor must have the shape the DiT's config.json gives it",
-                fix="keep the config.json that was saved with these weights (the official dit/config.json for "
-                "the official weights)",
-            ) from error
+            raise _reshaped_weights_error(where, str(error).split(". ", 1)[0]) from error
         _refuse_mismatched_weights(where, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
         return (model, info) if wants_info else model
 
@@ -506,12 +500,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         reshaped = [key for key in expected if key in found and found[key] != expected[key]]
         if reshaped:
             key = reshaped[0]
-            raise LongCatVideoError(
-                where=where,
-                value=f"{len(reshaped)} of another shape, e.g. {key} is {list(found[key])}, expected {list(expected[key])}",
-                rule="every tensor must have the shape the DiT's config.json gives it",
-                fix="keep the config.json that was saved with these weights (the official dit/config.json for "
-                "the official weights)",
+            raise _reshaped_weights_error(
+                where,
+                f"{len(reshaped)} of another shape, e.g. {key} is {list(found[key])}, expected {list(expected[key])}",
             )
 
     @register_to_config
@@ -920,6 +911,17 @@ __all__ = [
     "apply_rotary_3d",
     "check_blocks_to_swap",
 ]
+
+
+def _reshaped_weights_error(where: str, value: str) -> LongCatVideoError:
+    """The error for DiT weights whose shapes differ from the config's (from the load or the headers)."""
+    return LongCatVideoError(
+        where=where,
+        value=value,
+        rule="every tensor must have the shape the DiT's config.json gives it",
+        fix="keep the config.json that was saved with these weights (the official dit/config.json for "
+        "the official weights)",
+    )
 
 
 def _refuse_mismatched_weights(where: str, missing: list[str], unexpected: list[str]) -> None:
