@@ -20,9 +20,10 @@ def block_sparse_forced_available():
     attention.register_backend(dataclasses.replace(attention_bsa.BACKEND, is_available=lambda: True))
     attention.reset_backend_state()
     yield
-    attention.unregister_backend("block_sparse")
+    # Put the entry point's backend back: entry points load once per process, so loading them again
+    # would leave block_sparse unregistered for the modules that run after this one.
+    attention.register_backend(attention_bsa.BACKEND)
     attention.reset_backend_state()
-    attention.load_entry_point_backends()
 
 
 def test_entry_point_backend_is_the_adapter():
