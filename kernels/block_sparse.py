@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import ChunkLayout, mask_from_lists, select_blocks, token_blocks
+from .selection import ChunkLayout, mask_from_lists, select_blocks, token_blocks, topk_count
 
 Grid = tuple[int, int, int]
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -188,35 +188,112 @@ def _select(q: torch.Tensor, k: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor
     )
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    """Selects blocks, runs the Triton forward, and owns the saved tensors for the Triton backward."""
+# The kernels run through two torch.library custom ops, so torch.compile treats them as opaque
+# calls: Dynamo records one op per direction and Inductor never re-compiles the Triton source (it
+# did, when Dynamo traced into the launches, and failed on _mma's accumulator), so a compiled
+# block keeps one graph with attention in it. The ops take the settings as plain ints and floats,
+# which is what a custom op's schema can hold; eager calls run exactly the code they ran before.
+OP_NAMESPACE = "longcat_bsa"
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec) -> torch.Tensor:  # type: ignore
-        from . import triton_bsa
 
-        plan = triton_bsa.make_plan(spec.q_layout, spec.k_layout, q.device)
-        kv_list, kv_count = _select(q, k, spec)
-        kv_tiles, kv_tile_count = triton_bsa.key_tile_lists(kv_list, kv_count, plan)
-        o, lse = triton_bsa.bsa_forward(q, k, v, kv_tiles, kv_tile_count, plan, spec.scale)
-        ctx.save_for_backward(q, k, v, o, lse, kv_list, kv_count, kv_tiles, kv_tile_count)
-        ctx.spec = spec
-        ctx.plan = plan
-        return o
+def _layouts(q_grid: Sequence[int], kv_grid: Sequence[int], chunk: Sequence[int]) -> tuple[ChunkLayout, ChunkLayout]:
+    chunk = tuple(int(c) for c in chunk)
+    return ChunkLayout(tuple(int(g) for g in q_grid), chunk), ChunkLayout(tuple(int(g) for g in kv_grid), chunk)
 
-    @staticmethod
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        from . import triton_bsa
 
-        q, k, v, o, lse, kv_list, kv_count, kv_tiles, kv_tile_count = ctx.saved_tensors
-        do = do.to(o.dtype)
-        delta = triton_bsa.bsa_delta(o, do)
-        # The dK/dV kernel walks, per key block, the query tiles of the blocks that selected it.
-        q_tiles, q_tile_count = triton_bsa.query_tile_lists(kv_list, kv_count, ctx.plan)
-        dq, dk, dv = triton_bsa.bsa_backward(
-            do, q, k, v, lse, delta, kv_tiles, kv_tile_count, q_tiles, q_tile_count, ctx.plan, ctx.spec.scale
-        )
-        return dq, dk, dv, None
+def _list_width(k_layout: ChunkLayout, sparsity: float | None, cdf_threshold: float | None) -> int:
+    """Entries per row of select_blocks' lists: top-k keeps a fixed count, the CDF rule a mask's width."""
+    if cdf_threshold is not None:
+        return k_layout.num_blocks
+    return topk_count(sparsity, k_layout.num_blocks)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_grid: list[int],
+    kv_grid: list[int],
+    chunk: list[int],
+    sparsity: float | None,
+    cdf_threshold: float | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selection and the Triton forward: (o, lse, kv_list, kv_count); the backward op takes the last three."""
+    from . import triton_bsa
+
+    q_layout, k_layout = _layouts(q_grid, kv_grid, chunk)
+    spec = _Spec(q_layout, k_layout, sparsity, cdf_threshold, scale)
+    plan = triton_bsa.make_plan(q_layout, k_layout, q.device)
+    kv_list, kv_count = _select(q, k, spec)
+    kv_tiles, kv_tile_count = triton_bsa.key_tile_lists(kv_list, kv_count, plan)
+    o, lse = triton_bsa.bsa_forward(q, k, v, kv_tiles, kv_tile_count, plan, scale)
+    return o, lse, kv_list, kv_count
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, q_grid, kv_grid, chunk, sparsity, cdf_threshold, scale):
+    b, heads, sq, d = q.shape
+    q_layout, k_layout = _layouts(q_grid, kv_grid, chunk)
+    rows = (b, heads, q_layout.num_blocks)
+    # o is stored as [B, Sq, heads, D] and handed out transposed, like bsa_forward's.
+    o = q.new_empty((b, sq, heads, d)).transpose(1, 2)
+    lse = q.new_empty((b, heads, sq), dtype=torch.float32)
+    kv_list = q.new_empty((*rows, _list_width(k_layout, sparsity, cdf_threshold)), dtype=torch.int32)
+    kv_count = q.new_empty(rows, dtype=torch.int32)
+    return o, lse, kv_list, kv_count
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::backward", mutates_args=())
+def _backward_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    kv_list: torch.Tensor,
+    kv_count: torch.Tensor,
+    q_grid: list[int],
+    kv_grid: list[int],
+    chunk: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV from the forward's LSE and block lists (the tile lists are rebuilt: cheap, exact)."""
+    from . import triton_bsa
+
+    q_layout, k_layout = _layouts(q_grid, kv_grid, chunk)
+    plan = triton_bsa.make_plan(q_layout, k_layout, q.device)
+    do = do.to(o.dtype)
+    delta = triton_bsa.bsa_delta(o, do)
+    kv_tiles, kv_tile_count = triton_bsa.key_tile_lists(kv_list, kv_count, plan)
+    # The dK/dV kernel walks, per key block, the query tiles of the blocks that selected it.
+    q_tiles, q_tile_count = triton_bsa.query_tile_lists(kv_list, kv_count, plan)
+    return triton_bsa.bsa_backward(do, q, k, v, lse, delta, kv_tiles, kv_tile_count, q_tiles, q_tile_count, plan, scale)
+
+
+@_backward_op.register_fake
+def _backward_fake(do, q, k, v, o, lse, kv_list, kv_count, q_grid, kv_grid, chunk, scale):
+    # bsa_backward allocates with empty_like, whose strides the fake tensors follow too.
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, q_grid, kv_grid, chunk, _sparsity, _cdf, scale = inputs
+    o, lse, kv_list, kv_count = output
+    ctx.save_for_backward(q, k, v, o, lse, kv_list, kv_count)
+    ctx.settings = (list(q_grid), list(kv_grid), list(chunk), scale)
+    ctx.mark_non_differentiable(lse, kv_list, kv_count)
+
+
+def _backward(ctx, do: torch.Tensor, *_unused: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, o, lse, kv_list, kv_count = ctx.saved_tensors
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse, kv_list, kv_count, *ctx.settings)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def block_sparse_attention(
@@ -245,7 +322,11 @@ def block_sparse_attention(
     Differentiable in q, k, v; the block selection is not.
     """
     spec = _validate(q, k, v, q_grid, kv_grid, chunk, sparsity, cdf_threshold, scale, for_kernel=True)
-    return _BlockSparseAttention.apply(q, k, v, spec)
+    o, *_ = _forward_op(
+        q, k, v, [*spec.q_layout.grid], [*spec.k_layout.grid], [*spec.q_layout.chunk],
+        spec.sparsity, spec.cdf_threshold, spec.scale,
+    )  # fmt: skip
+    return o
 
 
 def block_sparse_mask(

@@ -149,12 +149,12 @@ def _worker_main() -> None:
 # Test side.
 
 
-@pytest.fixture(scope="module")
-def kernel_results() -> dict[str, dict]:
+def interpreted_worker_report(test_file: str, prefix: str) -> dict:
+    """Run ``test_file --worker`` in a fresh interpreter with TRITON_INTERPRET=1; its JSON ``prefix`` line."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker"],
+        [sys.executable, str(Path(test_file).resolve()), "--worker"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -162,9 +162,14 @@ def kernel_results() -> dict[str, dict]:
         # Not the repo root: its kernels/ folder would shadow the PyPI package of that name.
         cwd=str(Path(__file__).resolve().parent),
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("BSA-RESULTS ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(prefix)]
     assert proc.returncode == 0 and lines, f"kernel worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    return json.loads(lines[-1].removeprefix("BSA-RESULTS "))
+    return json.loads(lines[-1].removeprefix(prefix))
+
+
+@pytest.fixture(scope="module")
+def kernel_results() -> dict[str, dict]:
+    return interpreted_worker_report(__file__, "BSA-RESULTS ")
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
