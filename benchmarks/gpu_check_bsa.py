@@ -166,6 +166,33 @@ def check_strided_views(grid=(12, 22, 40), heads=4, dim=128, chunk=(4, 4, 8)):
     }
 
 
+def check_compiled_equals_eager(grid=(24, 30, 52), heads=8, dim=128) -> dict:
+    """torch.compile(fullgraph=True) around the kernels (custom ops): same output and gradients, one graph."""
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    seq = math.prod(grid)
+    q, k, v, do = (
+        torch.randn(1, heads, seq, dim, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(4)
+    )
+    kw = dict(q_grid=grid, kv_grid=grid, chunk=(4, 4, 8), sparsity=0.875)
+
+    def attend(q, k, v):
+        return block_sparse_attention(q, k, v, **kw) * 1.0  # an op around it, as in a block
+
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True)):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(do)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    diffs = [_rel(c.float(), e.float()) for c, e in zip(results[1], results[0], strict=True)]
+    torch._dynamo.reset()
+    return {
+        "name": f"compiled (fullgraph) == eager ({'x'.join(map(str, grid))})",
+        "ok": max(diffs) <= 1e-3,
+        "detail": "rel err out/dq/dk/dv=" + ", ".join(f"{d:.1e}" for d in diffs),
+    }
+
+
 CHECKS = [
     ("24x44x80 bf16 d128 s=0.875", dict(grid_q=(24, 44, 80), grid_kv=(24, 44, 80))),
     ("24x30x52 bf16 partial h,w", dict(grid_q=(24, 30, 52), grid_kv=(24, 30, 52))),
@@ -194,7 +221,11 @@ def main() -> int:
     _poison()
 
     jobs = [(name, lambda kw=kw, name=name: check_against_reference(name, **kw)) for name, kw in CHECKS]
-    jobs += [("dense", check_dense_equals_sdpa), ("strided", check_strided_views)]
+    jobs += [
+        ("dense", check_dense_equals_sdpa),
+        ("strided", check_strided_views),
+        ("compiled", check_compiled_equals_eager),
+    ]
     if args.quick:
         jobs = jobs[:3]
     results = []

@@ -13,6 +13,8 @@ Rows (ours and the built-in unless marked):
   plain          480x832x93 I2V, bf16, dense attention (PyTorch SDPA)
   plain-compiled ours only: plain with every block torch.compile'd (compile_blocks)
   int8-quanto-compiled  ours only: int8-quanto with compiled blocks
+  bsa            ours only: plain with block-sparse attention 0.875 (the default on CUDA)
+  bsa-compiled   ours only: bsa with compiled blocks (the kernels are custom ops Inductor calls as is)
   swap8          plain + musubi_blocks_to_swap=8 (blocks 40-47 streamed from CPU memory)
   int8-quanto    plain with the frozen DiT quantised by the host (optimum-quanto int8 weights)
   fp8-torchao    plain with the frozen DiT quantised by the host (torchao fp8 weights + activations)
@@ -20,7 +22,9 @@ Rows (ours and the built-in unless marked):
   bsa-t2v        704x1280x93 text-to-video (no condition frame), block-sparse 0.875, unsloth offload
                  (the built-in's kernel needs every latent frame count divisible by 4: 24 frames)
 
-FLOPs: dit_step.count_flops (written out there); MFU against 989 TFLOP/s dense bf16 (H100 SXM).
+FLOPs: dit_step.count_flops (written out there), dense attention counted also for block-sparse
+rows (a dense-equivalent figure, marked); MFU against 989 TFLOP/s dense bf16 (the H100/H200 spec)
+and against --ceiling-tflops (the matmul ceiling measured on the H200: 670).
 Results: a markdown table on stdout and, with $OUT set, $OUT/train_step.json (rewritten after
 every row, so a cut-off run keeps what it measured).
 """
@@ -57,6 +61,8 @@ ROWS: dict[str, dict] = {
     "plain": {},
     "plain-compiled": {"ours_only": True, "compile": True},
     "int8-quanto-compiled": {"ours_only": True, "precision": "int8-quanto", "compile": True},
+    "bsa": {"ours_only": True, "bsa": True},
+    "bsa-compiled": {"ours_only": True, "bsa": True, "compile": True},
     "swap8": {"swap": 8},
     "int8-quanto": {"precision": "int8-quanto"},
     "fp8-torchao": {"precision": "fp8-torchao"},
@@ -74,7 +80,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks every code path, times nothing)")
-    p.add_argument("--profile", action="store_true", help="after ours/plain, profile one step: where the time goes")
+    p.add_argument("--profile", default="", help="comma list of rows: after ours/<row>, profile one step")
+    p.add_argument("--ceiling-tflops", type=float, default=670.0, help="measured bf16 matmul ceiling")
     return p.parse_args()
 
 
@@ -249,7 +256,9 @@ def run_row(name: str, which: str, args: argparse.Namespace, device, dtype) -> d
     result["build_s"] = time.perf_counter() - t0
     inputs = make_inputs(shape, architecture(args.tiny), device, dtype)
     try:
-        result["loss_first"] = train_step(model, *inputs, ncl)  # warm-up
+        with Timer(device) as timer:
+            result["loss_first"] = train_step(model, *inputs, ncl)  # warm-up (compiles, autotunes)
+        result["first_step_s"] = timer.seconds
         times, loss = [], None
         for _ in range(args.steps):
             with Timer(device) as timer:
@@ -264,7 +273,9 @@ def run_row(name: str, which: str, args: argparse.Namespace, device, dtype) -> d
         result["model_tflop"] = flops["model"] / 1e12
         result["tflops"] = flops["model"] / result["step_s"] / 1e12
         result["mfu"] = result["tflops"] / H100_BF16_DENSE_TFLOPS
-        if args.profile and which == "ours" and name == "plain":
+        result["mfu_ceiling"] = result["tflops"] / args.ceiling_tflops
+        result["flops_note"] = "dense-equivalent" if row.get("bsa") else "dense"
+        if which == "ours" and name in args.profile.split(","):
             result["profile"] = profile_step(model, inputs, ncl, device)
         if which == "builtin" and row.get("bsa"):
             failed = any(getattr(b.attn, "_bsa_attention_failed", False) for b in model.blocks)
@@ -314,17 +325,20 @@ def profile_step(model, inputs, ncl: int, device: torch.device) -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| row | model | size | s/step | peak GiB | TFLOP/s | MFU | loss | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| row | model | size | first step s | s/step | peak GiB | TFLOP/s | MFU spec / ceiling | loss | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def f(r: dict, key: str, spec: str) -> str:
         return format(r[key], spec) if r.get(key) is not None else "n/a"
 
     for r in results:
         note = r.get("error") or r.get("builtin_bsa") or ""
+        if r.get("flops_note") == "dense-equivalent":
+            note = f"{note} FLOPs dense-equivalent".strip()
         print(
-            f"| {r['row']} | {r['model']} | {r['size']} | {f(r, 'step_s', '.2f')} | {f(r, 'peak_gib', '.1f')} | "
-            f"{f(r, 'tflops', '.0f')} | {f(r, 'mfu', '.1%')} | {f(r, 'loss', '.4f')} | {note} |"
+            f"| {r['row']} | {r['model']} | {r['size']} | {f(r, 'first_step_s', '.1f')} | {f(r, 'step_s', '.2f')} | "
+            f"{f(r, 'peak_gib', '.1f')} | {f(r, 'tflops', '.0f')} | {f(r, 'mfu', '.1%')} / {f(r, 'mfu_ceiling', '.1%')} | "
+            f"{f(r, 'loss', '.4f')} | {note} |"
         )
 
 
