@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -545,6 +546,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._checkpoint_backend = "torch"
         self._musubi_block_swap = None  # the host's MusubiBlockSwapManager, found by this name
         self._cp_group = None  # torch.distributed group sharing one sample's frames
+        self._compile_timing_pending: set[bool] = set()  # grad modes whose first compiled call is not timed yet
         self.attention_options = AttentionOptions()
 
     # Two parts of a memory option come from the trainer that runs the model, so the model imports
@@ -655,6 +657,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         registered_backends()
         for block in self.blocks:
             block.compile(**options)
+        # Training and sampling compile separate graphs (grad mode is a guard): time the first of each.
+        self._compile_timing_pending = {True, False}
 
     def enable_context_parallel(self, group: Any | None) -> None:
         """Split every sample's latent frames between the ranks of ``group`` (``None`` turns it off).
@@ -854,6 +858,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         swapping = swap is not None and swap.activate(self.blocks, device, grad)
         if swapping:
             self._place_swapped_trainables(device)
+        timed = grad in self._compile_timing_pending and not torch.compiler.is_compiling()
+        started = time.perf_counter() if timed else 0.0
         for index, block in enumerate(self.blocks):
             streamed = swapping and swap.is_managed_block(index)
             if streamed:
@@ -865,6 +871,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if streamed:
                 swap.stream_out(block)
 
+        if timed:
+            self._log_first_compiled_call(grad, device, started)
         x = self.final_layer(x, temb, context.local_frames)
         if shard is not None:
             x = shard.gather(x)
@@ -872,6 +880,17 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+    def _log_first_compiled_call(self, grad: bool, device: torch.device, started: float) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self._compile_timing_pending.discard(grad)
+        logger.info(
+            "LongCat-Video compiled blocks: the first %s forward took %.1f s, compiling included%s",
+            "training" if grad else "sampling",
+            time.perf_counter() - started,
+            " (the backward compiles at its first call)" if grad else "",
+        )
 
     @staticmethod
     def _drop_padding(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

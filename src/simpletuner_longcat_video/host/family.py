@@ -40,6 +40,7 @@ from simpletuner_longcat_video.host.settings import (
     check_checkpoint_weights,
     check_flavour,
     check_run_config,
+    compile_blocks_for,
     read_settings,
     warn_fsdp_inactive,
 )
@@ -267,11 +268,16 @@ class LongCatVideo(VideoModelFoundation):
                 len(model.blocks),
                 device,
             )
-        if self.settings.compile_blocks:
+        compiled, reason = compile_blocks_for(self.config, self.settings, self.accelerator.device)
+        if compiled:
             # Compilation is lazy: the blocks are traced at their first call, after the host
-            # has added the LoRA layers.
+            # has added the LoRA layers; the transformer logs how long that first call took.
             model.compile_blocks()
-            logger.info("LongCat-Video: %d DiT blocks will be torch.compile'd at the first step", len(model.blocks))
+            logger.info(
+                "LongCat-Video: %d DiT blocks will be torch.compile'd at the first step (%s)", len(model.blocks), reason
+            )
+        else:
+            logger.info("LongCat-Video: DiT blocks run eager (%s)", reason)
         options = model.set_attention_options(self.settings.attention)
         logger.info(
             "LongCat-Video attention: %s (block-sparse sparsity %s, chunk %s, cdf_threshold %s)",

@@ -35,7 +35,7 @@ class Settings:
     """The plugin's keys, parsed and checked: what the family reads instead of the raw config."""
 
     attention: AttentionOptions
-    compile_blocks: bool
+    compile_blocks: bool | None  # None: "auto", decided by compile_blocks_for once the device is known
     distill_lora: str | None  # an existing file, or None
 
 
@@ -167,20 +167,45 @@ def attention_options_from_config(config: object) -> AttentionOptions:
     return options
 
 
-def compile_blocks_requested(config: object) -> bool:
-    """``longcat_compile_blocks`` as a bool (the host hands JSON booleans over as "true"/"false")."""
+def compile_blocks_requested(config: object) -> bool | None:
+    """``longcat_compile_blocks`` as True/False, or None for ``auto`` (the default; also when unset).
+
+    The host hands JSON booleans over as "true"/"false" strings, or as bools.
+    """
     raw = getattr(config, "longcat_compile_blocks", None)
     if raw is None or isinstance(raw, bool):
-        return bool(raw)
+        return raw
     value = str(raw).strip().lower()
-    if value not in ("true", "false"):
+    if value not in ("auto", "true", "false"):
         raise LongCatVideoError(
             where="longcat_compile_blocks",
             value=raw,
-            rule="must be true or false",
-            fix="set it to true to torch.compile the DiT blocks, or leave it out",
+            rule="must be auto, true or false",
+            fix="leave it out (auto: compiled on CUDA where measured faster), or set true / false",
         )
-    return value == "true"
+    return None if value == "auto" else value == "true"
+
+
+def compile_blocks_for(config: object, settings: Settings, compute_device: torch.device | str) -> tuple[bool, str]:
+    """Whether the DiT blocks are compiled in this run, and why (for the log line).
+
+    ``auto`` compiles only in the setting that was measured faster on the H200 (a bf16 base on
+    CUDA, no block swap, no context parallelism); everything else stays eager unless asked for.
+    """
+    if settings.compile_blocks is not None:
+        return settings.compile_blocks, "longcat_compile_blocks: " + str(settings.compile_blocks).lower()
+    precision = str(getattr(config, "base_model_precision", None) or "no_change")
+    blocks_to_swap = int(getattr(config, "musubi_blocks_to_swap", 0) or 0)
+    context_parallel = int(getattr(config, "context_parallel_size", 1) or 1)
+    if torch.device(compute_device).type != "cuda":
+        return False, "auto: eager off CUDA"
+    if precision != "no_change":
+        return False, f"auto: eager with base_model_precision {precision} (compiled not measured there)"
+    if blocks_to_swap:
+        return False, "auto: eager with block swap (compiled not measured there)"
+    if context_parallel > 1:
+        return False, "auto: eager with context parallelism (compiled not measured there)"
+    return True, "auto: compiled on CUDA with a bf16 base"
 
 
 def check_compile_config(config: object, settings: Settings) -> None:
@@ -191,7 +216,8 @@ def check_compile_config(config: object, settings: Settings) -> None:
             where="longcat_compile_blocks",
             value=f"true with base_model_precision {precision!r}",
             rule="torch.compile cannot trace optimum-quanto weights (on an H100 it fails at the first step)",
-            fix="leave longcat_compile_blocks out when you train on a quanto-quantised base, or drop the quantisation",
+            fix="leave longcat_compile_blocks at auto (eager with quanto) when you train on a quanto-quantised "
+            "base, or drop the quantisation",
         )
 
 
