@@ -15,6 +15,7 @@ Rows (ours and the built-in unless marked):
   int8-quanto-compiled  ours only: int8-quanto with compiled blocks
   bsa            ours only: plain with block-sparse attention 0.875 (the default on CUDA)
   bsa-compiled   ours only: bsa with compiled blocks (the kernels are custom ops Inductor calls as is)
+  bsa-compiled-k13  ours only: bsa-compiled as video continuation from 13 frames (4 condition latents)
   swap8          plain + musubi_blocks_to_swap=8 (blocks 40-47 streamed from CPU memory)
   int8-quanto    plain with the frozen DiT quantised by the host (optimum-quanto int8 weights)
   fp8-torchao    plain with the frozen DiT quantised by the host (torchao fp8 weights + activations)
@@ -63,6 +64,7 @@ ROWS: dict[str, dict] = {
     "int8-quanto-compiled": {"ours_only": True, "precision": "int8-quanto", "compile": True},
     "bsa": {"ours_only": True, "bsa": True},
     "bsa-compiled": {"ours_only": True, "bsa": True, "compile": True},
+    "bsa-compiled-k13": {"ours_only": True, "bsa": True, "compile": True, "cond": 4},
     "swap8": {"swap": 8},
     "int8-quanto": {"precision": "int8-quanto"},
     "fp8-torchao": {"precision": "fp8-torchao"},

@@ -109,6 +109,17 @@ def _dit_step(model) -> dict[str, torch.Tensor]:
     return {"out": out.detach(), "latents.grad": latents.grad, **grads}
 
 
+@torch.no_grad()
+def _dit_sample(model) -> torch.Tensor:
+    # What validation does after training steps: no grad, both CFG branches in one batch of 2.
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 16, 3, 8, 8, generator=gen)
+    timesteps = torch.tensor([[0.0, 400.0, 400.0]] * 2)
+    text = torch.randn(2, 1, 6, 32, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    return model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0]
+
+
 def _compare(got: dict, ref: dict) -> dict[str, float]:
     return {name: _rel(got[name], ref[name]) for name in ref}
 
@@ -118,8 +129,11 @@ def _check_dit(launches: _Launches) -> dict[str, object]:
 
     from simpletuner_longcat_video.core import attention
 
-    eager = _dit_step(_dit())
+    eager_model = _dit()
+    eager = _dit_step(eager_model)
     eager_launches = launches.take()
+    eager_sample = _dit_sample(eager_model)
+    launches.take()
     sdpa = _dit_step(_dit("sdpa"))
     launches.take()
 
@@ -133,13 +147,18 @@ def _check_dit(launches: _Launches) -> dict[str, object]:
     compiled_launches = launches.take()
     graphs_first_step = len(graphs)
     again = _dit_step(model)  # the compiled graphs again, no new compile
+    second_step_launches = launches.take()
+    graphs_after_second_step = len(graphs)
+    sample = _dit_sample(model)  # a new grad mode and batch: compiles again, must still run the kernels
     return {
+        "sampling_launches": launches.take(),
+        "rel_sampling_vs_eager": _rel(sample, eager_sample),
         "eager_launches": eager_launches,
         "compiled_launches": compiled_launches,
-        "second_step_launches": launches.take(),
+        "second_step_launches": second_step_launches,
         "graphs": graphs_first_step,
-        "graphs_after_second_step": len(graphs),
-        "ops_per_graph": [_ops_in(g) for g in graphs],
+        "graphs_after_second_step": graphs_after_second_step,
+        "ops_per_graph": [_ops_in(g) for g in graphs[:graphs_after_second_step]],
         "graph_breaks": sum(counters["graph_break"].values()),
         "failed_backends": attention.failed_backends(),
         "rel_compiled_vs_eager": _compare(compiled, eager),
@@ -284,6 +303,9 @@ def test_compiled_dit_runs_the_block_sparse_kernels_with_eager_results(report):
         assert rel <= AOT_EAGER_RTOL, f"{name}: relative difference {rel:.2e}"
     # Sparsity is in force: the same model under SDPA gives another output.
     assert dit["rel_eager_vs_sdpa_out"] > 1e-2
+    # Validation after training (no grad, CFG batch of 2) recompiles and still runs the kernels.
+    assert dit["sampling_launches"] == {"forward": depth, "backward": 0}
+    assert dit["rel_sampling_vs_eager"] <= AOT_EAGER_RTOL
 
 
 def test_compiled_dit_has_one_graph_per_block_with_the_op_in_it(report):
