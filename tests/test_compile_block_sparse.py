@@ -9,6 +9,8 @@ which reports what it measured; the tests assert on the report. What is checked:
   backward per block), no backend was retired, and the output is not SDPA's (sparsity is in force);
 * Dynamo made one graph per block, with no graph break, and the forward op is in every graph;
 * attention alone (the seam, the I2V split, projections) compiled by Inductor matches eager;
+* the condition KV cache of sampling with block-sparse attention: cached == uncached, eager and in
+  compiled blocks, the kernels in every graph and no fallback;
 * ``torch.library.opcheck``: the ops' schemas, autograd registration and fake (shape function)
   outputs agree with the real ones, for top-k, CDF and half-tile (partial grid) selections.
 """
@@ -169,6 +171,51 @@ def _check_dit(launches: _Launches) -> dict[str, object]:
     }
 
 
+def _cache_step(model, cached: bool) -> torch.Tensor:
+    """A no-grad sampling step of continuation: 4 latent frames, the first 2 the condition (5 pixel
+    frames), so both the condition call and the noisy call run the kernels. Batch 1 keeps the
+    interpreter quick; the CFG batch's use of the cache is checked with SDPA (test_condition_cache.py)."""
+    gen = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 16, 4, 8, 8, generator=gen)
+    timesteps = torch.tensor([[0.0, 0.0, 700.0, 700.0]])
+    text = torch.randn(1, 1, 6, 32, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        cache = model.condition_cache(latents[:, :, :2], total_frames=4) if cached else None
+        return model(latents, timesteps, text, mask, 2, return_dict=False, condition_cache=cache)[0]
+
+
+def _check_cache(launches: _Launches) -> dict[str, object]:
+    """The condition KV cache with block-sparse attention, eager and in compiled blocks."""
+    from torch._dynamo.utils import counters
+
+    from simpletuner_longcat_video.core import attention
+
+    eager = _dit()
+    uncached = _cache_step(eager, cached=False)
+    uncached_launches = launches.take()
+    cached = _cache_step(eager, cached=True)
+    cached_launches = launches.take()
+    dense = _cache_step(_dit("sdpa"), cached=True)
+    launches.take()
+    model = _dit()
+    graphs: list = []
+    counters.clear()
+    model.compile_blocks(backend=_recording("aot_eager", graphs))
+    compiled = _cache_step(model, cached=True)
+    return {
+        "launches": {"uncached": uncached_launches, "cached": cached_launches, "compiled": launches.take()},
+        "graphs": len(graphs),
+        "ops_per_graph": [_ops_in(g) for g in graphs],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "failed_backends": attention.failed_backends(),
+        "rel_cached_vs_uncached": _rel(cached, uncached),
+        "rel_compiled_vs_eager": _rel(compiled, cached),
+        "rel_cached_vs_sdpa": _rel(cached, dense),
+        "depth": TINY["depth"],
+    }
+
+
 class _Attention(torch.nn.Module):
     """Projections around the seam, as a DiT block's self-attention uses it (I2V split included)."""
 
@@ -268,7 +315,7 @@ def _worker_main() -> None:
     launches = _Launches()
     wall = {}
     results = {}
-    for name, check in (("dit", _check_dit), ("inductor", _check_inductor)):
+    for name, check in (("dit", _check_dit), ("inductor", _check_inductor), ("cache", _check_cache)):
         started = time.perf_counter()
         results[name] = check(launches)
         wall[name] = round(time.perf_counter() - started, 2)
@@ -325,6 +372,21 @@ def test_inductor_compiled_attention_matches_eager(report):
     assert result["ops_per_graph"] == [["longcat_bsa.forward.default"]]
     for name, rel in result["rel_compiled_vs_eager"].items():
         assert rel <= INDUCTOR_RTOL, f"{name}: relative difference {rel:.2e}"
+
+
+def test_condition_cache_keeps_block_sparse_attention_eager_and_compiled(report):
+    result = report["cache"]
+    depth = result["depth"]
+    # Uncached, each block runs the condition call (2 frames) and the noisy call (2 frames against 4);
+    # with the cache the cache pass makes the condition calls and the step the noisy ones: the same
+    # kernel launches, none fell back to SDPA, compiled blocks too (one graph per block, the op in it).
+    per_step = {"forward": 2 * depth, "backward": 0}
+    assert result["launches"] == {"uncached": per_step, "cached": per_step, "compiled": per_step}
+    assert result["failed_backends"] == {} and result["graph_breaks"] == 0
+    assert result["graphs"] == depth and result["ops_per_graph"] == [["longcat_bsa.forward.default"]] * depth
+    assert result["rel_cached_vs_uncached"] <= 1e-5
+    assert result["rel_compiled_vs_eager"] <= AOT_EAGER_RTOL
+    assert result["rel_cached_vs_sdpa"] > 1e-2  # sparsity was in force
 
 
 @pytest.mark.parametrize("case", list(OPCHECK_CASES), ids=list(OPCHECK_CASES))

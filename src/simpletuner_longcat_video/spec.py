@@ -55,6 +55,8 @@ FLOW_SHIFT = 12.0
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 40
 NUM_COND_LATENTS_I2V = 1
+# Video continuation: upstream's generate_vc conditions on 13 pixel frames (4 latent frames).
+DEFAULT_CONDITION_FRAMES = 13
 
 # The official CFG + step distillation LoRA (lora/cfg_step_lora.safetensors) samples with these.
 DISTILL_LORA_FILE = "lora/cfg_step_lora.safetensors"
@@ -109,6 +111,25 @@ def check_frames(value: object, where: str) -> int:
             value=frames,
             rule="LongCat-Video needs (frames - 1) % 4 == 0 (the VAE keeps frame 1 and compresses the rest 4x)",
             fix=f"use {below} or {below + 4}",
+        )
+    return frames
+
+
+def check_condition_frames(value: object, num_frames: int | None, where: str) -> int:
+    """``value`` as a count of leading pixel frames that condition a video: 4k+1, below ``num_frames``.
+
+    K pixel frames encode to (K - 1) / 4 + 1 latent frames, so K follows the frame rule; at least one
+    latent frame must be left to generate, so K < ``num_frames`` (when given).
+    """
+    frames = check_frames(value, where)
+    if num_frames is not None and frames >= num_frames:
+        most = FRAME_RULE.nearest_valid_below(num_frames - 1) if num_frames > 1 else None
+        raise LongCatVideoError(
+            where=where,
+            value=frames,
+            rule=f"condition frames must be fewer than the {num_frames} frames of the video (some frames must be "
+            "generated)",
+            fix=(f"use at most {most} condition frames, or " if most else "use ") + f"more than {frames} frames",
         )
     return frames
 

@@ -380,22 +380,10 @@ def synthetic_clip(index: int, *, frames: int, height: int, width: int) -> np.nd
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """Write ``[T, H, W, 3]`` uint8 frames as an H.264 mp4 (PyAV)."""
-    import av
+    """Write ``[T, H, W, 3]`` uint8 frames as a near-lossless H.264 mp4 (PyAV, crf 10)."""
+    from simpletuner_longcat_video.core.pipeline import write_video as write_mp4
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_mp4(path, frames, fps=fps, crf=10)
 
 
 def build_tiny_dataset(
