@@ -794,6 +794,12 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             block.compile(**options)
         # Training and sampling compile separate graphs (grad mode is a guard): time the first of each.
         self._compile_timing_pending = {True, False}
+        self._blocks_compiled = True
+
+    @property
+    def blocks_compiled(self) -> bool:
+        """Whether :meth:`compile_blocks` was called (the pipeline's KV-cache default reads it)."""
+        return getattr(self, "_blocks_compiled", False)
 
     def enable_context_parallel(self, group: Any | None) -> None:
         """Split every sample's latent frames between the ranks of ``group`` (``None`` turns it off).
