@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from conftest import load_demo
 
 demo = load_demo()
+RECORDER = Path(__file__).resolve().parent / "fault_injection"
+
+
+def recorded_run(workdir: Path) -> tuple[int, str, dict]:
+    """``simpletuner train`` in a prepared ``workdir``, recorded into ``workdir/record`` (fault_injection/sitecustomize.py).
+
+    Returns the exit code, the log and ``demo.summarise``'s summary of what the run wrote.
+    """
+    record = workdir / "record"
+    record.mkdir()
+    command, env = demo.host_command(workdir)
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")])),
+        LONGCAT_RECORD_DIR=str(record),
+    )
+    with (workdir / "train.log").open("w") as log:
+        code = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    log = (workdir / "train.log").read_text(errors="replace")
+    return code, log, demo.summarise(workdir, log)
 
 
 def run_host(workdir: Path, mutate: Callable[[Path], None] | None = None) -> tuple[int, str]:

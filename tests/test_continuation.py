@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from simpletuner.helpers.training.state_tracker import StateTracker
+from test_training_batch import _family
 
 from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.core.pipeline import normalize_latents
@@ -93,17 +94,9 @@ def configured(monkeypatch):
 
 def _model() -> family.LongCatVideo:
     # The host's loss() and the family's batch hook on our family, without loading weights.
-    model = family.LongCatVideo.__new__(family.LongCatVideo)
-    model.config = SimpleNamespace(
-        loss_type="l2",
-        diff2flow_loss=False,
-        diff2flow_enabled=False,
-        scheduled_sampling_reflexflow=False,
-        snr_gamma=None,
-        weight_dtype=torch.float32,
-    )
+    model = _family()
+    model.config.weight_dtype = torch.float32
     model.accelerator = SimpleNamespace(device=torch.device("cpu"))
-    model.diff2flow_bridge = None
     return model
 
 

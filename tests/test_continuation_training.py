@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-from _host_run import demo
+from _host_run import demo, recorded_run
 from PIL import Image
-from test_i2v_training import RECORDER, cached_latent, pipeline_calls
+from test_i2v_training import cached_latent, pipeline_calls
 
 from simpletuner_longcat_video.testing.tiny import build_continuation_dataset
 
@@ -90,17 +88,7 @@ def mixed_run(workdir: Path) -> None:
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("continuation")
     mixed_run(workdir)
-    record = workdir / "record"
-    record.mkdir()
-    command, env = demo.host_command(workdir)
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")])),
-        LONGCAT_RECORD_DIR=str(record),
-    )
-    with (workdir / "train.log").open("w") as log:
-        code = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    log = (workdir / "train.log").read_text(errors="replace")
-    return workdir, code, log, demo.summarise(workdir, log)
+    return workdir, *recorded_run(workdir)
 
 
 def batches(workdir: Path) -> list[dict]:

@@ -16,20 +16,17 @@ import hashlib
 import io
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-from _host_run import demo, run_host
+from _host_run import demo, recorded_run, run_host
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-RECORDER = Path(__file__).resolve().parent / "fault_injection"
 VAL_CLIP = "clip_100"  # the validation split's one clip (tiny.build_learning_dataset)
 STEPS = demo.LEARNING_OVERRIDES["max_train_steps"]
 
@@ -52,17 +49,7 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("i2v-train")
     demo.prepare(workdir, learning=True)
     enlarge_start_frames(workdir)
-    record = workdir / "record"
-    record.mkdir()
-    command, env = demo.host_command(workdir)
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")])),
-        LONGCAT_RECORD_DIR=str(record),
-    )
-    with (workdir / "train.log").open("w") as log:
-        code = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    log = (workdir / "train.log").read_text(errors="replace")
-    return workdir, code, log, demo.summarise(workdir, log)
+    return workdir, *recorded_run(workdir)
 
 
 def pipeline_calls(workdir: Path) -> list[dict]:
