@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import hashlib
+import io
 import json
 import os
 import re
@@ -9,6 +13,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from conftest import load_demo
 
 demo = load_demo()
@@ -57,3 +62,16 @@ def assert_nothing_trained(workdir: Path, code: int, log: str) -> None:
     output = workdir / "output"
     assert not (output / "pytorch_lora_weights.safetensors").exists()
     assert not list(output.glob("checkpoint-*"))
+
+
+def pipeline_calls(workdir: Path) -> list[dict]:
+    calls = sorted((workdir / "record").glob("pipeline_call_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return [torch.load(path, weights_only=False) for path in calls]
+
+
+def cached_latent(folder: Path, name: str) -> torch.Tensor:
+    """The host's VAE cache entry for the file ``name`` (any suffix) of the dataset cached in ``folder``."""
+    raw = (folder / f"{hashlib.sha256(name.encode()).hexdigest()}.pt").read_bytes()
+    with contextlib.suppress(OSError):
+        raw = gzip.decompress(raw)
+    return torch.load(io.BytesIO(raw), map_location="cpu")

@@ -18,9 +18,8 @@ import av
 import numpy as np
 import pytest
 import torch
-from _host_run import demo, recorded_run
+from _host_run import cached_latent, demo, pipeline_calls, recorded_run
 from PIL import Image
-from test_i2v_training import cached_latent, pipeline_calls
 
 from simpletuner_longcat_video.testing.tiny import build_continuation_dataset
 

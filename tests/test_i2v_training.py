@@ -11,9 +11,6 @@ batch can be checked; the LoRA it writes must pass the demo's learning check.
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
-import io
 import json
 import math
 from pathlib import Path
@@ -22,7 +19,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from _host_run import demo, recorded_run, run_host
+from _host_run import cached_latent, demo, pipeline_calls, recorded_run, run_host
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -50,11 +47,6 @@ def trained(tmp_path_factory):
     demo.prepare(workdir, learning=True)
     enlarge_start_frames(workdir)
     return workdir, *recorded_run(workdir)
-
-
-def pipeline_calls(workdir: Path) -> list[dict]:
-    calls = sorted((workdir / "record").glob("pipeline_call_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    return [torch.load(path, weights_only=False) for path in calls]
 
 
 def expected_start_image(workdir: Path, split: str = "val", name: str = VAL_CLIP) -> np.ndarray:
@@ -156,14 +148,6 @@ def initial_latents(pipe, call: dict, image: np.ndarray) -> torch.Tensor:
     precision = torch.autocast("cpu", dtype=call["autocast"]) if call["autocast"] else contextlib.nullcontext()
     with precision:
         return pipe.prepare_latents(1, height, width, frames, Image.fromarray(image), generator)[0]
-
-
-def cached_latent(folder: Path, name: str) -> torch.Tensor:
-    """The host's VAE cache entry for the file ``name`` (any suffix) of the dataset cached in ``folder``."""
-    raw = (folder / f"{hashlib.sha256(name.encode()).hexdigest()}.pt").read_bytes()
-    with contextlib.suppress(OSError):
-        raw = gzip.decompress(raw)
-    return torch.load(io.BytesIO(raw), map_location="cpu")
 
 
 def test_validation_starts_from_the_eval_split_start_frame_and_saves_it(trained):
