@@ -17,7 +17,7 @@ from conftest import load_demo
 from fault_injection import learning_mutations
 
 from simpletuner_longcat_video.host import family
-from simpletuner_longcat_video.testing.learning import training_clips, training_pairs
+from simpletuner_longcat_video.testing.learning import THRESHOLD, training_clips, training_pairs
 from simpletuner_longcat_video.testing.tiny import build_continuation_learning_dataset
 
 pytestmark = pytest.mark.slow
@@ -84,10 +84,10 @@ def continuation_control(continuation):
     return train_continuation_and_check(*continuation, CONDITION_FRAMES)
 
 
-def test_the_unbroken_continuation_step_learns_both_clips(continuation_control, control):
-    # The I2V control's threshold: continued from its first frames, each clip's error drops as much.
+def test_the_unbroken_continuation_step_learns_both_clips(continuation_control):
+    # The I2V check's threshold: continued from its first frames, each clip's error drops as much.
     print(continuation_control.table())
-    assert continuation_control.threshold == control.threshold
+    assert continuation_control.threshold == THRESHOLD
     assert continuation_control.passed and continuation_control.every_pair_passed, continuation_control.table()
 
 
