@@ -407,3 +407,17 @@ def test_the_config_key_is_a_number_field_the_family_parses(tiny_checkpoint):
     assert global_condition_frames(parsed) == 13
     parsed, _ = get_argument_parser().parse_known_args(required)
     assert global_condition_frames(parsed) == 0
+
+
+def test_the_dataset_list_of_docs_continuation_md_is_what_it_says():
+    # The doc's multidatabackend.json: both splits are continuation datasets with K = 13.
+    text = (Path(__file__).resolve().parents[1] / "docs" / "continuation.md").read_text()
+    (block,) = [part.split("```", 1)[0] for part in text.split("```json\n")[1:]]
+    config = SimpleNamespace(
+        data_backend_config="config/multidatabackend.json",
+        eval_dataset_id="longcat-video-cont-val",
+        validation_using_datasets=True,
+        validation_num_video_frames=93,
+    )
+    plan = datasets.check_continuation_datasets(config, json.loads(block))
+    assert plan == {"longcat-video-cont": 13, "longcat-video-cont-val": 13}
