@@ -157,7 +157,7 @@ def test_validation_continues_the_eval_clip_from_its_first_13_frames(trained):
         # cached latents (the host's encode of the whole clip): the VAE is causal in time.
         condition = call["hidden_states"][0, :, :4]
         assert (condition - cached[:, :4].float()).abs().mean() < 0.05
-    assert "continues " in log and "from its first 13 frames" in log
+    assert "cont-val_0: continues " in log and "from its first 13 of 17 frames" in log
 
 
 def decoded_condition(workdir: Path, call: dict) -> list[np.ndarray]:

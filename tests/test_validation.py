@@ -224,12 +224,12 @@ def test_a_continuation_eval_clip_is_continued_from_its_first_frames_and_saved_b
         data_backend_id="cont-val",
     )
     (paired,) = model.pair_validation_start_frames([sample])
-    assert prepared == [(None, "cont-val", "/data/val/clips/clip_300.mp4")]  # read whole, as training prepares it
 
     # The host resizes the start image to the validation size and hands it over as `image`.
     kwargs = model.update_pipeline_call_kwargs(
         {"image": [paired.conditioning.resize((64, 48))], "width": 64, "height": 48}
     )
+    assert prepared == [(None, "cont-val", "/data/val/clips/clip_300.mp4")]  # read whole, as training prepares it
     assert "image" not in kwargs and kwargs["num_condition_frames"] == 5
     expected = [Image.fromarray(frame).resize((64, 48), Image.Resampling.LANCZOS) for frame in clip[:9]]
     assert [np.array(frame).tolist() for frame in kwargs["video"]] == [
@@ -247,6 +247,8 @@ def test_a_continuation_eval_clip_is_continued_from_its_first_frames_and_saved_b
     model.pipeline = object()
     result = model.run_multistage_validation(kwargs, pipeline_call)
     assert result.frames[0] is generated and calls == [kwargs]
+    model.run_multistage_validation(kwargs, lambda pipeline, call_kwargs: SimpleNamespace(frames=[generated[::-1]]))
+    # A second call for the same sample (the host's EMA comparison) leaves the first result's file as it was.
     saved = tmp_path / "validation_images" / "step_7_cont-val_0_64x48.continued-beside-clip-128x48.mp4"
     frames = frames_of(saved)
     assert len(frames) == generated_frames and frames[0].shape == (48, 128, 3)

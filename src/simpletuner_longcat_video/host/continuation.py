@@ -27,17 +27,26 @@ logger = logging.getLogger("simpletuner_longcat_video.host.continuation")
 
 @dataclass(frozen=True)
 class EvalClip:
-    """One eval clip to continue: its file, its K, and its frames as training prepares them."""
+    """One eval clip to continue: its dataset, its file and its K. Its frames are read when it is
+    validated (:meth:`frames_at`), so only one clip's frames are held at a time."""
 
+    dataset_id: str
     path: str
     condition_frames: int
-    frames: tuple[Image.Image, ...]
 
-    def resized(self, width: int, height: int) -> list[Image.Image]:
-        """Every frame at the generated size (LANCZOS, as a start image is resized for the pipeline)."""
+    def frames_at(self, width: int, height: int, model: Any) -> list[Image.Image]:
+        """The clip as training prepares it (see the module doc), every frame resized to the generated size
+        (LANCZOS, as a start image is resized for the pipeline)."""
+        from simpletuner.helpers.caching.vae import prepare_sample
+        from simpletuner.helpers.training.state_tracker import StateTracker
+
+        video, _, _ = prepare_sample(image=None, data_backend_id=self.dataset_id, filepath=self.path, model=model)
+        frames = as_frames(video)
+        settings = StateTracker.get_data_backend_config(self.dataset_id) or {}
+        kept = spec.whole_number((settings.get("video") or {}).get("num_frames"))
         return [
             frame if frame.size == (width, height) else frame.resize((width, height), Image.Resampling.LANCZOS)
-            for frame in self.frames
+            for frame in (frames[:kept] if kept else frames)
         ]
 
 
@@ -57,18 +66,6 @@ def as_frames(video: Any) -> list[Image.Image]:
     if np.issubdtype(array.dtype, np.floating):
         array = np.clip(array, 0.0, 1.0) * 255.0 if array.max() <= 1.0 else array
     return [Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8)).convert("RGB") for frame in array]
-
-
-def read_eval_clip(dataset_id: str, clip: str, condition_frames: int, model: Any) -> EvalClip:
-    """The eval clip ``clip`` of dataset ``dataset_id`` as training prepares it (see the module doc)."""
-    from simpletuner.helpers.caching.vae import prepare_sample
-    from simpletuner.helpers.training.state_tracker import StateTracker
-
-    video, _, _ = prepare_sample(image=None, data_backend_id=dataset_id, filepath=clip, model=model)
-    frames = as_frames(video)
-    settings = StateTracker.get_data_backend_config(dataset_id) or {}
-    kept = spec.whole_number((settings.get("video") or {}).get("num_frames"))
-    return EvalClip(path=clip, condition_frames=condition_frames, frames=tuple(frames[:kept] if kept else frames))
 
 
 def side_by_side(left: list[Image.Image], right: list[Image.Image]) -> list[Image.Image]:
@@ -108,11 +105,16 @@ def write_mp4(path: str, frames: list[Image.Image], fps: float) -> str:
 
 
 def save_beside_clip(
-    folder: str, step: int, shortname: str, generated: list[Image.Image], clip: EvalClip, fps: float
+    folder: str,
+    step: int,
+    shortname: str,
+    generated: list[Image.Image],
+    truth: list[Image.Image],
+    clip: EvalClip,
+    fps: float,
 ) -> str:
-    """The generated video and the eval clip (at the generated size) side by side; returns the file written."""
+    """The generated video and the eval clip's frames ``truth`` (at the generated size) side by side; the file written."""
     width, height = generated[0].size
-    truth = clip.resized(width, height)
     path = write_mp4(
         os.path.join(folder, side_by_side_name(step, shortname, width, height)), side_by_side(generated, truth), fps
     )

@@ -229,14 +229,25 @@ class LongCatVideo(VideoModelFoundation):
         clip = self._continuation_clip(image)
         if clip is not None and pipeline_kwargs.get("width") and pipeline_kwargs.get("height"):
             width, height = int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"])
+            frames = clip.frames_at(width, height, self)
             # The pipeline VAE-encodes these frames as one clip into the condition latents; the host's
             # start image (the clip's first frame) is not used.
             del pipeline_kwargs["image"]
-            pipeline_kwargs["video"] = clip.resized(width, height)[: clip.condition_frames]
+            pipeline_kwargs["video"] = frames[: clip.condition_frames]
             pipeline_kwargs["num_condition_frames"] = clip.condition_frames
             shortname = image.info[VALIDATION_SHORTNAME_KEY]
-            self.__dict__["_continuation_call"] = (StateTracker.get_global_step(), shortname, clip)
+            self.__dict__["_continuation_call"] = (StateTracker.get_global_step(), shortname, clip, frames)
             self.__dict__.setdefault("validation_video_sizes", {})[shortname] = (width, height)
+            logger.info(
+                "LongCat-Video validation %s: continues %s from its first %d of %d frames (as training prepares them, "
+                "at %dx%d)",
+                shortname,
+                clip.path,
+                clip.condition_frames,
+                len(frames),
+                width,
+                height,
+            )
         elif isinstance(image, Image.Image) and pipeline_kwargs.get("width") and pipeline_kwargs.get("height"):
             pipeline_kwargs["image"] = self._save_validation_start_image(
                 image, int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"])
@@ -349,10 +360,13 @@ class LongCatVideo(VideoModelFoundation):
         result = self._distilled_call(pipeline_kwargs, pipeline_call)
         pending = self.__dict__.get("_continuation_call")
         if pending is not None:
-            step, shortname, clip = pending
+            # Once per sample: with EMA comparison the host samples twice, the first (the trained weights) is saved.
+            self.__dict__["_continuation_call"] = None
+            step, shortname, clip, truth = pending
             folder = os.path.join(self.config.output_dir, "validation_images")
             fps = float(getattr(self.config, "framerate", None) or spec.DEFAULT_FRAMERATE)
-            continuation.save_beside_clip(folder, step, shortname, continuation.as_frames(result.frames[0]), clip, fps)
+            generated = continuation.as_frames(result.frames[0])
+            continuation.save_beside_clip(folder, step, shortname, generated, truth, clip, fps)
         return result
 
     def _distilled_call(self, pipeline_kwargs: dict, pipeline_call: Callable[..., Any]) -> Any:
@@ -465,24 +479,17 @@ def _tagged(sample: Any, start_frame: str | None = None, image: Any = None) -> A
 
 
 def _with_condition_frames(sample: Any, model: Any) -> Any:
-    """An eval sample of a continuation dataset, its clip read for the pipeline call; None for other samples."""
+    """An eval sample of a continuation dataset, its clip noted for the pipeline call; None for other samples."""
     backend_id, clip = sample.data_backend_id, sample.image_path
     if backend_id not in (getattr(StateTracker, "data_backends", None) or {}) or not clip:
         return None
     frames = datasets.dataset_condition_frames(StateTracker.get_data_backend_config(backend_id))
     if not frames:
         return None
-    found = continuation.read_eval_clip(backend_id, clip, frames, model)
+    found = continuation.EvalClip(dataset_id=backend_id, path=clip, condition_frames=frames)
     model.__dict__.setdefault("_continuation_inputs", {})[sample.shortname] = found
-    width, height = found.frames[0].size
     logger.info(
-        "LongCat-Video validation %s: continues %s from its first %d frames (of %d, %dx%d as training prepares them)",
-        sample.shortname,
-        clip,
-        frames,
-        len(found.frames),
-        width,
-        height,
+        "LongCat-Video validation %s: a continuation of %s from its first %d frames", sample.shortname, clip, frames
     )
     return _tagged(sample)
 
