@@ -160,11 +160,10 @@ def test_validation_continues_the_eval_clip_from_its_first_13_frames(trained):
     assert "cont-val_0: continues " in log and "from its first 13 of 17 frames" in log
 
 
-def decoded_condition(workdir: Path, call: dict) -> list[np.ndarray]:
+def decoded_condition(pipe, call: dict) -> list[np.ndarray]:
     """The pipeline call's condition latents (what its DiT saw first) decoded as the call decodes: its autocast."""
-    from simpletuner_longcat_video.core.pipeline import denormalize_latents, load_pipeline
+    from simpletuner_longcat_video.core.pipeline import denormalize_latents
 
-    pipe = load_pipeline(str(workdir / "LongCat-Video-tiny"))
     latents = denormalize_latents(call["hidden_states"][:, :, :4], pipe.vae)
     precision = torch.autocast("cpu", dtype=call["autocast"]) if call["autocast"] else contextlib.nullcontext()
     with torch.no_grad(), precision:
@@ -179,7 +178,9 @@ def test_the_continuation_is_saved_beside_the_eval_clip(trained):
     saved = sorted(folder.glob("*.continued-beside-clip-*.mp4"))
     names = [path.name for path in saved]
     assert names == [f"step_{step}_cont-val_0_64x64.continued-beside-clip-128x64.mp4" for step in (0, STEPS)]
-    clip = eval_clip(workdir)
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
+
+    clip, pipe = eval_clip(workdir), load_pipeline(str(workdir / "LongCat-Video-tiny"))
     for path, call in zip(saved, pipeline_calls(workdir), strict=True):
         frames = read_frames(path)
         assert len(frames) == CLIP_FRAMES and frames[0].shape == (64, 128, 3)
@@ -188,7 +189,7 @@ def test_the_continuation_is_saved_beside_the_eval_clip(trained):
             assert np.abs(right - clip[t]).mean() < 3.0, (path.name, t)  # the ground truth, frame by frame
         # Left: the generated video, its first 13 frames the condition frames (decoded from their
         # latents; the tiny VAE's decoder is far from the clip, and another one under bf16 autocast).
-        condition = decoded_condition(workdir, call)
+        condition = decoded_condition(pipe, call)
         assert len(condition) == K
         for t in range(K):
             assert np.abs(frames[t][:, :64].astype(int) - condition[t]).mean() < 4.0, (path.name, t)
