@@ -15,7 +15,12 @@ from simpletuner_longcat_video.errors import LongCatVideoError
 
 FAMILY = "longcat_video"
 DISPLAY_NAME = "LongCat-Video"
-DESCRIPTION = "LongCat-Video image-to-video (and text-to-video) flow-matching transformer, as a plugin"
+DESCRIPTION = (
+    "LongCat-Video flow-matching transformer for image-to-video, video continuation and text-to-video, as a plugin"
+)
+# What one checkpoint and one LoRA training run can do (the host's model API has no field for these:
+# the WebUI shows DESCRIPTION; plugin_manifest.toml lists them).
+TASKS = ("text-to-video", "image-to-video", "video-continuation")
 FLAVOURS: dict[str, str] = {"final": "meituan-longcat/LongCat-Video"}
 DEFAULT_FLAVOUR = "final"
 PREDICTION_TYPE = "flow_matching"
@@ -54,9 +59,16 @@ DEFAULT_RESOLUTION = (480, 832)  # height, width
 FLOW_SHIFT = 12.0
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 40
+DEFAULT_FRAMERATE = 15  # upstream's demos write their videos at 15 fps
 NUM_COND_LATENTS_I2V = 1
 # Video continuation: upstream's generate_vc conditions on 13 pixel frames (4 latent frames).
 DEFAULT_CONDITION_FRAMES = 13
+
+# Video continuation: a video dataset marked with this key (K pixel frames, K = 4k + 1) trains with
+# its clip's own first (K - 1) / 4 + 1 latent frames as the condition. The Wan VAE is causal in
+# time, so those latent frames of the whole clip's encode are the encode of its first K frames
+# alone: what the pipeline encodes when it continues a clip from K frames.
+CONDITION_FRAMES_KEY = "longcat_condition_frames"
 
 # The official CFG + step distillation LoRA (lora/cfg_step_lora.safetensors) samples with these.
 DISTILL_LORA_FILE = "lora/cfg_step_lora.safetensors"
@@ -226,6 +238,16 @@ CONFIG_OPTIONS = (
         "(about 30 s there), logged",
         ("auto", "true", "false"),
         label="LongCat-Video Compile DiT Blocks",
+        tab="model",
+    ),
+    ConfigOption(
+        CONDITION_FRAMES_KEY,
+        int,
+        None,
+        "LongCat-Video video continuation for every video dataset without start frames: the clip's own first K "
+        "frames (K = 1, 5, 9, 13, ...; upstream uses 13) are the condition, clean and outside the loss; a video "
+        "dataset's own longcat_condition_frames wins (0 turns it off there); unset = no continuation",
+        label="LongCat-Video Continuation Condition Frames",
         tab="model",
     ),
     ConfigOption(

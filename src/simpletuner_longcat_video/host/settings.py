@@ -37,6 +37,9 @@ class Settings:
     attention: AttentionOptions
     compile_blocks: bool | None  # None: "auto", decided by compile_blocks_for once the device is known
     distill_lora: str | None  # an existing file, or None
+    # longcat_condition_frames in config.json: the continuation condition of every video dataset
+    # without start frames or a value of its own (0 = none); datasets.prepare_datasets applies it.
+    condition_frames: int = 0
 
 
 def read_settings(config: object) -> Settings:
@@ -45,7 +48,16 @@ def read_settings(config: object) -> Settings:
         attention=attention_options_from_config(config),
         compile_blocks=compile_blocks_requested(config),
         distill_lora=distill_lora_path(config),
+        condition_frames=global_condition_frames(config),
     )
+
+
+def global_condition_frames(config: object) -> int:
+    """``longcat_condition_frames`` of the config (0 when unset), refused unless 0 or 4k + 1."""
+    raw = getattr(config, spec.CONDITION_FRAMES_KEY, None)
+    if raw is None or (isinstance(raw, str) and raw.strip() in ("", "None")):
+        return 0
+    return datasets.condition_frames_value(raw, spec.CONDITION_FRAMES_KEY)
 
 
 def check_run_config(config: object, settings: Settings, compute_device: torch.device | str) -> None:
@@ -67,6 +79,9 @@ def check_config_before_launch(config: object) -> None:
     settings = read_settings(config)
     check_checkpoint_weights(getattr(config, "pretrained_model_name_or_path", None))
     check_run_config(config, settings, "cuda" if torch.cuda.is_available() else "cpu")
+    backends = datasets.read_data_backend_list(config)
+    if backends is not None:
+        datasets.check_continuation_datasets(config, backends, settings.condition_frames)
 
 
 def check_checkpoint_weights(path: str | None) -> None:
