@@ -55,14 +55,15 @@ FLOW_SHIFT = 12.0
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 40
 NUM_COND_LATENTS_I2V = 1
-# Video continuation: upstream's generate_vc conditions on 13 pixel frames (4 latent frames).
-DEFAULT_CONDITION_FRAMES = 13
 
 # The official CFG + step distillation LoRA (lora/cfg_step_lora.safetensors) samples with these.
 DISTILL_LORA_FILE = "lora/cfg_step_lora.safetensors"
 DISTILL_STEPS = 16
 DISTILL_GUIDANCE = 1.0
 DISTILL_GRID_STEPS = 50  # the distillation's sigma grid (upstream num_distill_sample_steps)
+
+# Video continuation sampling: upstream's generate_vc conditions on 13 pixel frames (4 latent frames).
+DEFAULT_CONDITION_FRAMES = 13
 
 
 @dataclass(frozen=True)
