@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test of this script)")
     p.add_argument("--backend", default="auto", help="attention backend (auto, sdpa, xformers, block_sparse)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block (compile_blocks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block (compile_blocks, static shapes)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up ones (median reported)")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -144,7 +144,12 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     model.set_attention_options(backend=args.backend)
     if args.compile:
-        model.compile_blocks()
+        # One static graph per shape: the rows call the blocks with four shapes (two tasks, with and
+        # without the cache), and with automatic dynamic shapes the fourth compile failed on CPU
+        # (InductorError: LoweringException: ValueError: Exponent must be non-negative, in the SDPA
+        # stride constraint under symbolic sizes; torch 2.13). Static graphs also time what a
+        # sampling of one shape runs.
+        model.compile_blocks(dynamic=False)
     cfg = dict(model.config)
     rows = [measure_task(model, args, cfg, task, device, dtype) for task in tasks]
 

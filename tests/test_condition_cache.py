@@ -212,3 +212,23 @@ def test_the_cache_is_refused_under_context_parallelism(monkeypatch):
     monkeypatch.setattr(model, "_cp_group", object())  # what enable_context_parallel stores
     with pytest.raises(LongCatVideoError, match="condition KV cache and context parallelism cannot be combined"):
         model.condition_cache(cond_latents, total_frames=6)
+
+
+def test_the_cache_pass_runs_the_models_pre_forward_hook():
+    """diffusers' model CPU offload moves the DiT to the GPU in an accelerate pre-forward hook; the
+    cache pass is not a forward, so it must run that hook itself (else: CPU weights, GPU latents)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    calls = []
+
+    class Recording(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(type(module).__name__)
+            return args, kwargs
+
+    model = tiny_model()
+    add_hook_to_module(model, Recording())
+    _, _, _, _, cond_latents = cfg_inputs(1, 6, 4)
+    with torch.no_grad():
+        model.condition_cache(cond_latents, total_frames=6)
+    assert calls == ["LongCatVideoTransformer3DModel"]

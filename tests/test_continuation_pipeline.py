@@ -88,6 +88,18 @@ def test_kv_cached_sampling_equals_uncached(tiny_pipeline, monkeypatch, task):
     assert _rel(cached[:, :, count:], uncached[:, :, count:]) <= SAMPLING_RTOL
 
 
+def test_under_context_parallelism_the_pipeline_samples_without_the_cache(tiny_pipeline, monkeypatch):
+    # The DiT refuses the cache under context parallelism; the pipeline's default must not break
+    # sampling there (the host validates under context_parallel_size), so it runs uncached.
+    model = tiny_pipeline.transformer
+    monkeypatch.setattr(type(model), "context_parallel_enabled", property(lambda self: True))
+    monkeypatch.setattr(model, "condition_cache", lambda *a, **k: pytest.fail("cache made under context parallelism"))
+    frames, steps = run(
+        tiny_pipeline, video=clip(5), num_condition_frames=5, num_frames=9, output_type="latent", num_inference_steps=1
+    )
+    assert len(steps) == 1 and torch.isfinite(frames).all()
+
+
 def test_the_video_starts_with_the_decoded_condition_frames(tiny_pipeline):
     frames, steps = run(tiny_pipeline, video=clip(5), num_condition_frames=5, num_frames=9, num_inference_steps=2)
     video = frames[0]

@@ -61,8 +61,6 @@ DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 40
 DEFAULT_FRAMERATE = 15  # upstream's demos write their videos at 15 fps
 NUM_COND_LATENTS_I2V = 1
-# Video continuation: upstream's generate_vc conditions on 13 pixel frames (4 latent frames).
-DEFAULT_CONDITION_FRAMES = 13
 
 # Video continuation: a video dataset marked with this key (K pixel frames, K = 4k + 1) trains with
 # its clip's own first (K - 1) / 4 + 1 latent frames as the condition. The Wan VAE is causal in
@@ -75,6 +73,9 @@ DISTILL_LORA_FILE = "lora/cfg_step_lora.safetensors"
 DISTILL_STEPS = 16
 DISTILL_GUIDANCE = 1.0
 DISTILL_GRID_STEPS = 50  # the distillation's sigma grid (upstream num_distill_sample_steps)
+
+# Video continuation sampling: upstream's generate_vc conditions on 13 pixel frames (4 latent frames).
+DEFAULT_CONDITION_FRAMES = 13
 
 
 @dataclass(frozen=True)

@@ -521,6 +521,9 @@ class ConditionCache:
     def block_kv(self, index: int, repeat: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``index``'s cached keys and values on ``device``, each entry repeated ``repeat`` times."""
         k, v = self.keys[index].to(device), self.values[index].to(device)
+        if repeat > 1 and k.shape[0] == 1:
+            # A view: the attention's concatenation with the noisy keys makes the one copy.
+            return k.expand(repeat, -1, -1, -1), v.expand(repeat, -1, -1, -1)
         if repeat > 1:
             k, v = k.repeat(repeat, 1, 1, 1), v.repeat(repeat, 1, 1, 1)
         return k, v
@@ -1040,6 +1043,11 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         frames) on the full model in bf16.
         """
         self._refuse_cache_with_context_parallel()
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None:
+            # Not a forward, so run the model's pre-forward hook as one would: diffusers' model CPU
+            # offload (pipe.enable_model_cpu_offload) moves the DiT onto the GPU there.
+            hook.pre_forward(self)
         batch, (frames, height, width) = self._token_grid(cond_latents)
         count = frames if num_cond_latents is None else num_cond_latents
         if not 1 <= count <= frames or not count < total_frames:
