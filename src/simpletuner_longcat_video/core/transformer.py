@@ -1037,7 +1037,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         Runs the blocks once at batch B (block swap streams them as in a forward; compiled blocks
         run this pass eagerly). Memory: two ``[B, heads, Nc, head_dim]`` tensors per block in the
-        model dtype, about 1.2 GiB for one 832x480 condition frame and 4.9 GiB for 4 (13 pixel
+        model dtype, about 1.14 GiB for one 832x480 condition frame and 4.57 GiB for 4 (13 pixel
         frames) on the full model in bf16.
         """
         self._refuse_cache_with_context_parallel()
