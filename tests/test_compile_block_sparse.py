@@ -355,7 +355,7 @@ def test_inductor_compiled_attention_matches_eager(report):
         assert rel <= INDUCTOR_RTOL, f"{name}: relative difference {rel:.2e}"
 
 
-def test_condition_cache_keeps_block_sparse_attention_eager_and_compiled(report):
+def test_condition_cache_keeps_block_sparse_attention_in_compiled_blocks(report):
     result = report["cache"]
     depth = result["depth"]
     # Uncached, each block runs the condition call (2 frames) and the noisy call (2 frames against 4);
