@@ -9,8 +9,8 @@ which reports what it measured; the tests assert on the report. What is checked:
   backward per block), no backend was retired, and the output is not SDPA's (sparsity is in force);
 * Dynamo made one graph per block, with no graph break, and the forward op is in every graph;
 * attention alone (the seam, the I2V split, projections) compiled by Inductor matches eager;
-* the condition KV cache of sampling with block-sparse attention: cached == uncached, eager and in
-  compiled blocks, the kernels in every graph and no fallback;
+* the condition KV cache of sampling with block-sparse attention in compiled blocks: the cached step
+  gives the uncached one's output, the kernels are in every graph and nothing fell back;
 * ``torch.library.opcheck``: the ops' schemas, autograd registration and fake (shape function)
   outputs agree with the real ones, for top-k, CDF and half-tile (partial grid) selections.
 """
@@ -191,28 +191,30 @@ def _check_cache(launches: _Launches) -> dict[str, object]:
 
     from simpletuner_longcat_video.core import attention
 
-    model = _dit()  # one model for every row: building one with LoRA costs more than a step here
+    # One model for every row (building one with LoRA costs more than a step here), and no eager
+    # cached step: aot_eager runs the eager ops, so the compiled cached step stands for both.
+    model = _dit()
     uncached = _cache_step(model, cached=False)
     uncached_launches = launches.take()
-    cached = _cache_step(model, cached=True)
-    cached_launches = launches.take()
     model.set_attention_options(backend="sdpa")
     dense = _cache_step(model, cached=True)
     model.set_attention_options(**OPTIONS)
     launches.take()
     graphs: list = []
     counters.clear()
+    # Dynamo's caches still hold the training graphs of _check_dit's models (the same block code);
+    # guarding against them made this compile take minutes instead of seconds.
+    torch._dynamo.reset()
     model.compile_blocks(backend=_recording("aot_eager", graphs))
     compiled = _cache_step(model, cached=True)
     return {
-        "launches": {"uncached": uncached_launches, "cached": cached_launches, "compiled": launches.take()},
+        "launches": {"uncached": uncached_launches, "compiled_cached": launches.take()},
         "graphs": len(graphs),
         "ops_per_graph": [_ops_in(g) for g in graphs],
         "graph_breaks": sum(counters["graph_break"].values()),
         "failed_backends": attention.failed_backends(),
-        "rel_cached_vs_uncached": _rel(cached, uncached),
-        "rel_compiled_vs_eager": _rel(compiled, cached),
-        "rel_cached_vs_sdpa": _rel(cached, dense),
+        "rel_compiled_cached_vs_uncached": _rel(compiled, uncached),
+        "rel_compiled_cached_vs_sdpa": _rel(compiled, dense),
         "depth": TINY["depth"],
     }
 
@@ -375,19 +377,18 @@ def test_inductor_compiled_attention_matches_eager(report):
         assert rel <= INDUCTOR_RTOL, f"{name}: relative difference {rel:.2e}"
 
 
-def test_condition_cache_keeps_block_sparse_attention_eager_and_compiled(report):
+def test_condition_cache_keeps_block_sparse_attention_in_compiled_blocks(report):
     result = report["cache"]
     depth = result["depth"]
     # Uncached, each block runs the condition call (2 frames) and the noisy call (2 frames against 4);
-    # with the cache the cache pass makes the condition calls and the step the noisy ones: the same
-    # kernel launches, none fell back to SDPA, compiled blocks too (one graph per block, the op in it).
+    # with the cache the (eager) cache pass makes the condition calls and the compiled step the noisy
+    # ones: the same kernel launches, none fell back to SDPA, one graph per block with the op in it.
     per_step = {"forward": 2 * depth, "backward": 0}
-    assert result["launches"] == {"uncached": per_step, "cached": per_step, "compiled": per_step}
+    assert result["launches"] == {"uncached": per_step, "compiled_cached": per_step}
     assert result["failed_backends"] == {} and result["graph_breaks"] == 0
     assert result["graphs"] == depth and result["ops_per_graph"] == [["longcat_bsa.forward.default"]] * depth
-    assert result["rel_cached_vs_uncached"] <= 1e-5
-    assert result["rel_compiled_vs_eager"] <= AOT_EAGER_RTOL
-    assert result["rel_cached_vs_sdpa"] > 1e-2  # sparsity was in force
+    assert result["rel_compiled_cached_vs_uncached"] <= AOT_EAGER_RTOL
+    assert result["rel_compiled_cached_vs_sdpa"] > 1e-2  # sparsity was in force
 
 
 @pytest.mark.parametrize("case", list(OPCHECK_CASES), ids=list(OPCHECK_CASES))
