@@ -191,14 +191,15 @@ def _check_cache(launches: _Launches) -> dict[str, object]:
 
     from simpletuner_longcat_video.core import attention
 
-    eager = _dit()
-    uncached = _cache_step(eager, cached=False)
+    model = _dit()  # one model for every row: building one with LoRA costs more than a step here
+    uncached = _cache_step(model, cached=False)
     uncached_launches = launches.take()
-    cached = _cache_step(eager, cached=True)
+    cached = _cache_step(model, cached=True)
     cached_launches = launches.take()
-    dense = _cache_step(_dit("sdpa"), cached=True)
+    model.set_attention_options(backend="sdpa")
+    dense = _cache_step(model, cached=True)
+    model.set_attention_options(**OPTIONS)
     launches.take()
-    model = _dit()
     graphs: list = []
     counters.clear()
     model.compile_blocks(backend=_recording("aot_eager", graphs))

@@ -268,20 +268,3 @@ def test_cli_continues_a_video_file_into_an_mp4(tiny_checkpoint, tmp_path, capsy
     assert continue_video.main(argv) == 0
     assert len(read_video(out)) == 9 + 4  # segment 1 whole, segment 2 without its 5 shared frames
     assert "wrote" in capsys.readouterr().out
-
-
-def test_the_kv_cache_default_follows_compiled_blocks(tiny_pipeline, monkeypatch):
-    # None (the default) caches with eager blocks and not with compiled ones (measured slower on
-    # the H200 for 13-frame continuation); an explicit True always caches.
-    model = tiny_pipeline.transformer
-    caches = []
-    make_cache = model.condition_cache
-    monkeypatch.setattr(model, "condition_cache", lambda *a, **k: caches.append(1) or make_cache(*a, **k))
-    condition = dict(image=Image.fromarray(clip(1)[0]), num_frames=9, num_inference_steps=1, output_type="latent")
-    run(tiny_pipeline, **condition)
-    assert len(caches) == 1
-    monkeypatch.setattr(model, "_blocks_compiled", True, raising=False)
-    run(tiny_pipeline, **condition)
-    assert len(caches) == 1
-    run(tiny_pipeline, use_kv_cache=True, **condition)
-    assert len(caches) == 2

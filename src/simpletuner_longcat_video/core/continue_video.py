@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         generator=generator,
-        use_kv_cache=False if args.no_kv_cache else None,
+        use_kv_cache=not args.no_kv_cache,
         output_path=args.out,
         fps=args.fps,
     )

@@ -425,7 +425,7 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
         use_distill: bool = False,
         video: Any = None,
         num_condition_frames: int | None = None,
-        use_kv_cache: bool | None = None,
+        use_kv_cache: bool = True,
     ) -> LongCatVideoPipelineOutput | tuple:
         """Generate videos; ``image`` turns text-to-video into image-to-video, ``video`` into continuation.
 
@@ -439,9 +439,8 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
         ``use_kv_cache`` (image-to-video and continuation) computes the condition frames' keys and
         values once per video and runs the DiT on the noisy frames only at every step (the same
         result within float rounding; off under context parallelism, where the DiT refuses it).
-        ``None`` (the default) uses it when the DiT's blocks are not compiled: with compiled blocks
-        on the H200 it gained nothing for image-to-video and was slower for 13-frame continuation
-        (docs/benchmarks.md), so the default follows the measurement.
+        On the H200 with compiled blocks it took a CFG step from 3.98 to 3.84 s (image-to-video)
+        and from 3.84 to 3.37 s (13-frame continuation), docs/continuation.md.
 
         ``use_distill`` samples on the distillation LoRA's sigma grid (see :meth:`sampling_sigmas`);
         with that LoRA applied, upstream uses 16 steps and guidance 1.0.
@@ -499,8 +498,6 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
         )
         cache = None
         cache_note = ""
-        if use_kv_cache is None:
-            use_kv_cache = not self.transformer.blocks_compiled
         if num_cond and use_kv_cache:
             if self.transformer.context_parallel_enabled:
                 cache_note = ", condition KV cache off (context parallelism)"
@@ -582,7 +579,7 @@ class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
         num_inference_steps: int = spec.DEFAULT_STEPS,
         guidance_scale: float = spec.DEFAULT_GUIDANCE,
         generator: torch.Generator | None = None,
-        use_kv_cache: bool | None = None,
+        use_kv_cache: bool = True,
         use_distill: bool = False,
         max_sequence_length: int = spec.TEXT_MAX_TOKENS,
         output_path: str | os.PathLike | None = None,

@@ -793,16 +793,14 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # Settle the backend registry (entry points, availability probes) eagerly, so the traced
         # blocks see plain lookups rather than locks and kernel probes.
         registered_backends()
+        # Static graphs: a run sees a few shapes (its buckets, the CFG batch of validation, the
+        # cached-condition call), and with automatic dynamic shapes the later ones compiled
+        # symbolic graphs, slower on the H200 and failing in Inductor on CPU (see sampling_step.py).
+        options.setdefault("dynamic", False)
         for block in self.blocks:
             block.compile(**options)
         # Training and sampling compile separate graphs (grad mode is a guard): time the first of each.
         self._compile_timing_pending = {True, False}
-        self._blocks_compiled = True
-
-    @property
-    def blocks_compiled(self) -> bool:
-        """Whether :meth:`compile_blocks` was called (the pipeline's KV-cache default reads it)."""
-        return getattr(self, "_blocks_compiled", False)
 
     def enable_context_parallel(self, group: Any | None) -> None:
         """Split every sample's latent frames between the ranks of ``group`` (``None`` turns it off).
@@ -1039,7 +1037,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         Runs the blocks once at batch B (block swap streams them as in a forward; compiled blocks
         run this pass eagerly). Memory: two ``[B, heads, Nc, head_dim]`` tensors per block in the
-        model dtype, about 1.2 GiB for one 832x480 condition frame and 4.9 GiB for 4 (13 pixel
+        model dtype, about 1.14 GiB for one 832x480 condition frame and 4.57 GiB for 4 (13 pixel
         frames) on the full model in bf16.
         """
         self._refuse_cache_with_context_parallel()
