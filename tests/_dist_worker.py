@@ -15,6 +15,10 @@ Modes (argv[1]); the result is written by rank 0 to argv[2] with ``torch.save``:
 * ``fsdp2``: torch's ``fully_shard`` on each ``LongCatVideoTransformerBlock`` and then on the root,
   frozen DiT sharded, LoRA trainable; then a ``torch.distributed.checkpoint`` save, a load into a
   fresh model and optimiser, and one more step on both.
+* ``all``: the two-process runs of ``tests/test_distributed.py`` in one launch (each process starts
+  in about 20 s, most of a run's cost): ``accelerate`` as DDP, with ``--context-parallel``, with
+  ``--no-sync``, then ``fsdp2``, one after the other in the same process group, each on a model and
+  optimiser of its own; argv[2] then holds ``{mode name: that mode's result}``.
 """
 
 from __future__ import annotations
@@ -122,7 +126,9 @@ def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: full(p.grad) for name, p in model.named_parameters() if "lora_" in name}
 
 
-def run_accelerate(out: Path, no_sync: bool, context_parallel: bool = False) -> None:
+def run_accelerate(out: Path, no_sync: bool, context_parallel: bool = False, *, own_group: bool = True) -> dict | None:
+    """Train under accelerate; rank 0 returns the result (``None`` elsewhere). ``own_group``: rank 0
+    also writes it to ``out`` and the process group ends; otherwise the group is left to the caller."""
     import torch.distributed as dist
     from accelerate import Accelerator
     from simpletuner.helpers.training.context_parallel import (
@@ -159,21 +165,23 @@ def run_accelerate(out: Path, no_sync: bool, context_parallel: bool = False) -> 
             first_grads = lora_grads(accelerator.unwrap_model(model))
         optimizer.step()
         optimizer.zero_grad()
+    result = None
     if accelerator.is_main_process:
-        torch.save(
-            {
-                "world": accelerator.num_processes,
-                "distributed_type": str(accelerator.distributed_type),
-                "backend": accelerator.state.backend,
-                "losses": losses,
-                "first_grads": first_grads,
-                "lora_init": lora_init,
-                "lora": lora_state(accelerator.unwrap_model(model)),
-            },
-            out,
-        )
+        result = {
+            "world": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "backend": accelerator.state.backend,
+            "losses": losses,
+            "first_grads": first_grads,
+            "lora_init": lora_init,
+            "lora": lora_state(accelerator.unwrap_model(model)),
+        }
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if own_group:
+        if result is not None:
+            torch.save(result, out)
+        accelerator.end_training()
+    return result
 
 
 def _shard(model: torch.nn.Module, mesh) -> None:
@@ -187,7 +195,10 @@ def _shard(model: torch.nn.Module, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def run_fsdp2(out: Path) -> None:
+def run_fsdp2(out: Path, *, own_group: bool = True) -> dict | None:
+    """FSDP2 training, DCP save (beside ``out``) and resume; rank 0 returns the result. ``own_group``:
+    the process group is made here, rank 0 writes the result to ``out``, and the group ends;
+    otherwise the caller's group is used and left open."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -199,7 +210,8 @@ def run_fsdp2(out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo")
+    if own_group:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
 
@@ -259,28 +271,47 @@ def run_fsdp2(out: Path) -> None:
     next_loss_resumed = step(resumed, resumed_optimizer, data)
     after_next, after_next_resumed = lora_state(model), lora_state(resumed)
 
+    result = None
     if rank == 0:
-        torch.save(
-            {
-                "world": world,
-                "backend": dist.get_backend(),
-                "frozen_params": len(frozen),
-                "sharded_frozen_params": sharded_frozen,
-                "frozen_local_numel": local_numel,
-                "frozen_full_numel": full_numel,
-                "losses": losses,
-                "first_grads": first_grads,
-                "lora": lora_after_training,
-                "lora_before_load": lora_before_load,
-                "lora_resumed": lora_resumed,
-                "next_loss": next_loss,
-                "next_loss_resumed": next_loss_resumed,
-                "lora_next": after_next,
-                "lora_next_resumed": after_next_resumed,
-                "checkpoint_files": sorted(p.name for p in checkpoint.iterdir()),
-            },
-            out,
-        )
+        result = {
+            "world": world,
+            "backend": dist.get_backend(),
+            "frozen_params": len(frozen),
+            "sharded_frozen_params": sharded_frozen,
+            "frozen_local_numel": local_numel,
+            "frozen_full_numel": full_numel,
+            "losses": losses,
+            "first_grads": first_grads,
+            "lora": lora_after_training,
+            "lora_before_load": lora_before_load,
+            "lora_resumed": lora_resumed,
+            "next_loss": next_loss,
+            "next_loss_resumed": next_loss_resumed,
+            "lora_next": after_next,
+            "lora_next_resumed": after_next_resumed,
+            "checkpoint_files": sorted(p.name for p in checkpoint.iterdir()),
+        }
+        if own_group:
+            torch.save(result, out)
+    dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
+    return result
+
+
+def run_all(out: Path) -> None:
+    """Every two-process mode in one launch (see the module docstring); rank 0 writes ``out``."""
+    import torch.distributed as dist
+
+    results = {
+        "ddp": run_accelerate(out, no_sync=False, own_group=False),
+        "context_parallel": run_accelerate(out, no_sync=False, context_parallel=True, own_group=False),
+        "no_sync": run_accelerate(out, no_sync=True, own_group=False),
+    }
+    # The accelerator made the gloo group; FSDP2 shards over that same group of all ranks.
+    results["fsdp2"] = run_fsdp2(out, own_group=False)
+    if dist.get_rank() == 0:
+        torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -293,6 +324,8 @@ def main() -> None:
         run_accelerate(out, no_sync="--no-sync" in sys.argv, context_parallel="--context-parallel" in sys.argv)
     elif mode == "fsdp2":
         run_fsdp2(out)
+    elif mode == "all":
+        run_all(out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

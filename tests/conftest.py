@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,9 +15,22 @@ import pytest
 ENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
+# One intra-op thread per process: `make test` runs one xdist worker per core, and the tensors here
+# are tiny, so a second torch thread only waits for a core the other worker holds (measured on 2
+# cores, both busy: test_learning's 120-step training + learning check took 82 s of CPU with torch's
+# default of two threads, 15 s with one, same figures). Set before torch starts its thread pool;
+# every host run and worker the tests start inherits it. An OMP_NUM_THREADS of the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    import torch
+
     import simpletuner_longcat_video
+
+    # In case a plugin imported torch before this file set OMP_NUM_THREADS.
+    if os.environ["OMP_NUM_THREADS"].isdigit():
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
     if "site-packages" not in simpletuner_longcat_video.__file__:
         raise pytest.UsageError(
@@ -90,6 +104,33 @@ def run_python(code: str, *, timeout: float = 300, **env: str) -> subprocess.Com
 @pytest.fixture
 def python_subprocess():
     return run_python
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_checkpoints_built_once(tmp_path_factory: pytest.TempPathFactory):
+    """``testing.tiny.build_tiny_checkpoint`` builds each (seed, sizes) once per test process and copies it after.
+
+    Every host-run test starts from ``examples/demo.py``'s ``prepare``, which builds the tiny
+    checkpoint: a few seconds of CPU each time for the same bytes (the build is seeded). A copy
+    takes milliseconds, and each test still gets a folder of its own to break.
+    """
+    from simpletuner_longcat_video.testing import tiny
+
+    build = tiny.build_tiny_checkpoint
+    built: dict[tuple, Path] = {}
+
+    def build_or_copy(root: str | Path, *, seed: int = 0, sizes: tiny.TinySizes | None = None) -> Path:
+        sizes = sizes or tiny.TinySizes()
+        if (seed, sizes) not in built:
+            built[seed, sizes] = build(
+                tmp_path_factory.mktemp("tiny-checkpoint-built") / "ckpt", seed=seed, sizes=sizes
+            )
+        shutil.copytree(built[seed, sizes], root, dirs_exist_ok=True)
+        return Path(root)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny, "build_tiny_checkpoint", build_or_copy)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,13 @@
 
 * The real host: ``simpletuner train num_processes=2 accelerate_extra_args=--multi_gpu`` with
   ``ACCELERATE_USE_CPU=1`` (``--cpu`` would make ``accelerate launch`` start one process only),
-  then ``resume_from_checkpoint: latest`` with both ranks; ``fsdp_enable`` through the host on CPU.
+  then ``resume_from_checkpoint: latest`` with both ranks and ``fsdp_enable`` (on a CPU the host
+  runs it as DDP); ``context_parallel_size: 2`` in a run of its own.
 * DDP equivalence: accelerate's DDP with sample r on rank r gives the LoRA of one process with
   both samples in its batch (``tests/_dist_worker.py``: same model, LoRA, loss hooks, fixed noise).
 * FSDP2: torch's ``fully_shard`` on our blocks, the same comparison, and a
   ``torch.distributed.checkpoint`` save/load that resumes to the same next step.
+  The two-process comparisons share one launch (``two_processes``); the reference is one process.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import math
 import multiprocessing
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,18 +65,27 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return result
 
 
-def _accelerate_launch(out: Path, *worker_args: str) -> dict:
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One ``accelerate launch`` of two processes running the worker's modes one after the other
+    (``all``: DDP, context parallel, DDP without the all-reduce, FSDP2): {mode: rank 0's result}.
+
+    A worker process spends about 20 s importing before its first step; one launch for the four
+    comparisons below instead of one each saves three of those pairs.
+    """
+    out = tmp_path_factory.mktemp("dist-two") / "all.pt"
     accelerate = Path(sys.executable).parent / "accelerate"
     _launch(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
-         "--dynamo_backend=no", str(WORKER), "accelerate", str(out), *worker_args],
+         "--dynamo_backend=no", str(WORKER), "all", str(out)],
         out.parent,
+        timeout=600,
     )  # fmt: skip
     return torch.load(out)
 
 
-def test_ddp_lora_equals_single_process_with_the_doubled_batch(single_process, tmp_path):
-    ddp = _accelerate_launch(tmp_path / "ddp.pt")
+def test_ddp_lora_equals_single_process_with_the_doubled_batch(single_process, two_processes):
+    ddp = two_processes["ddp"]
     assert (ddp["world"], ddp["distributed_type"], ddp["backend"]) == (2, "DistributedType.MULTI_CPU", "gloo")
     # The batch loss of one process equals the mean of the two ranks' losses, step after step.
     for ours, reference in zip(ddp["losses"], single_process["losses"], strict=True):
@@ -86,10 +98,10 @@ def test_ddp_lora_equals_single_process_with_the_doubled_batch(single_process, t
     assert _max_diff(single_process["lora"], single_process["lora_init"]) > 1e-3
 
 
-def test_context_parallel_training_equals_single_process(single_process, tmp_path):
+def test_context_parallel_training_equals_single_process(single_process, two_processes):
     """Both ranks split the frames of the same two samples; the host's loss scaling + DDP averaging
     must give exactly the one-process LoRA update."""
-    cp = _accelerate_launch(tmp_path / "cp.pt", "--context-parallel")
+    cp = two_processes["context_parallel"]
     assert cp["world"] == 2
     for ours, reference in zip(cp["losses"], single_process["losses"], strict=True):
         assert math.isclose(ours, reference, rel_tol=1e-6), (cp["losses"], single_process["losses"])
@@ -98,21 +110,15 @@ def test_context_parallel_training_equals_single_process(single_process, tmp_pat
     assert _max_diff(cp["lora"], single_process["lora"]) < 1e-5
 
 
-def test_ddp_comparison_fails_without_the_gradient_all_reduce(single_process, tmp_path):
+def test_ddp_comparison_fails_without_the_gradient_all_reduce(single_process, two_processes):
     """The control: each rank stepping on its own sample's gradient gives a different LoRA."""
-    unsynced = _accelerate_launch(tmp_path / "unsynced.pt", "--no-sync")
+    unsynced = two_processes["no_sync"]
     assert unsynced["world"] == 2
     assert _max_diff(unsynced["lora"], single_process["lora"]) > 1e-4
 
 
-def test_fsdp2_fully_shard_matches_single_process_and_resumes_from_a_dcp_checkpoint(single_process, tmp_path):
-    out = tmp_path / "fsdp2.pt"
-    _launch(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(WORKER), "fsdp2", str(out)],
-        tmp_path,
-    )  # fmt: skip
-    fsdp = torch.load(out)
+def test_fsdp2_fully_shard_matches_single_process_and_resumes_from_a_dcp_checkpoint(single_process, two_processes):
+    fsdp = two_processes["fsdp2"]
     assert (fsdp["world"], fsdp["backend"]) == (2, "gloo")
     # The frozen DiT is sharded: every frozen weight is a DTensor, each rank holds about half.
     assert fsdp["sharded_frozen_params"] == fsdp["frozen_params"] > 0
@@ -199,39 +205,64 @@ def _losses(log: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in re.findall(r"\| (\d+)/\d+ \[[^\]]*step_loss=([0-9.eE+-]+|nan|inf)", log)}
 
 
-@slow
-def test_host_ddp_two_processes_trains_saves_once_and_resumes(tmp_path):
-    _configure(tmp_path, max_train_steps=4, checkpoint_step_interval=2)
-    code, log = _host_train_two_processes(tmp_path, "train.log")
+# Fields of the resumed run's config: FSDP asked for, and no eval split. On a CPU accelerate keeps
+# MULTI_CPU (DDP), so the resume is still the DDP run's; without an eval split the host divides clips
+# and start frames between the ranks separately, and the pairing rules must still see whole folders
+# (data._share_file_lists). One two-process host start costs about two minutes of both cores: the
+# FSDP-on-CPU checks ride on the resume instead of a run of their own.
+FSDP_ON_RESUME = dict(
+    eval_dataset_id=None,
+    fsdp_enable=True,
+    fsdp_version=2,
+    fsdp_transformer_layer_cls_to_wrap="LongCatVideoTransformerBlock",
+)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """Two-process host runs in one folder: 4 steps (checkpoints 2 and 4), then resumed to step 6
+    with ``resume_from_checkpoint: latest`` and ``FSDP_ON_RESUME``; (folder, first log, resumed log)."""
+    workdir = tmp_path_factory.mktemp("host-ddp")
+    _configure(workdir, max_train_steps=4, checkpoint_step_interval=2)
+    code, log = _host_train_two_processes(workdir, "train.log")
     assert code == 0, log[-4000:]
+    shutil.copytree(workdir / "output", workdir / "output-after-first-run")
+    _configure(workdir, max_train_steps=6, resume_from_checkpoint="latest", **FSDP_ON_RESUME)
+    code, resumed = _host_train_two_processes(workdir, "resumed.log")
+    assert code == 0, resumed[-4000:]
+    return workdir, log, resumed
+
+
+@slow
+def test_host_ddp_two_processes_trains_saves_once_and_resumes(ddp_runs):
+    workdir, log, resumed_log = ddp_runs
     assert "--num_processes=2" in log and "--multi_gpu" in log
-    output = tmp_path / "output"
+    first = workdir / "output-after-first-run"
     for step in (2, 4):
-        checkpoint = output / f"checkpoint-{step}"
+        checkpoint = first / f"checkpoint-{step}"
         # Each rank's RNG and sampler state is in the checkpoint: two ranks trained.
         assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
         assert (checkpoint / "training_state-rank1.json").is_file()
     losses = _losses(log)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values()), losses
+    output = workdir / "output"
     final = output / "pytorch_lora_weights.safetensors"
     assert log.count(f"Model weights saved in {final}") == 1
-    weights = load_file(str(final))
+    weights = load_file(str(first / final.name))
     assert weights and all(bool(torch.isfinite(t).all()) for t in weights.values())
-    assert not list(tmp_path.rglob("*.corrupt"))
+    assert not list(first.rglob("*.corrupt"))
 
-    _configure(tmp_path, max_train_steps=6, resume_from_checkpoint="latest")
-    code, log = _host_train_two_processes(tmp_path, "resumed.log")
-    assert code == 0, log[-4000:]
-    assert f"Loading LoRA weights from Path: {output / 'checkpoint-4'}" in log
-    resumed = _losses(log)
+    assert f"Loading LoRA weights from Path: {output / 'checkpoint-4'}" in resumed_log
+    resumed = _losses(resumed_log)
     assert sorted(resumed) == [5, 6] and all(math.isfinite(v) for v in resumed.values()), resumed
     state = json.loads((output / "checkpoint-6" / "training_state.json").read_text())
     assert state["global_step"] == 6
-    assert log.count(f"Model weights saved in {final}") == 1
+    assert resumed_log.count(f"Model weights saved in {final}") == 1
     assert (
         _max_diff({k: v.float() for k, v in load_file(str(final)).items()}, {k: v.float() for k, v in weights.items()})
         > 0.0
     )
+    assert not list(workdir.rglob("*.corrupt"))
 
 
 @slow
@@ -250,23 +281,12 @@ def test_host_context_parallel_two_processes_split_each_sample(tmp_path):
 
 
 @slow
-def test_host_fsdp2_on_cpu_runs_as_ddp_and_says_so(tmp_path):
-    """SimpleTuner passes the FSDP plugin; accelerate keeps MULTI_CPU, so no FSDP checkpoint appears."""
-    _configure(
-        tmp_path,
-        max_train_steps=2,
-        checkpoint_step_interval=2,
-        # No eval split: the host then divides clips and start frames between the ranks separately;
-        # the pairing rules must still see whole folders (data._share_file_lists).
-        eval_dataset_id=None,
-        fsdp_enable=True,
-        fsdp_version=2,
-        fsdp_transformer_layer_cls_to_wrap="LongCatVideoTransformerBlock",
-    )
-    code, log = _host_train_two_processes(tmp_path, "train.log")
-    assert code == 0, log[-4000:]
+def test_host_fsdp2_on_cpu_runs_as_ddp_and_says_so(ddp_runs):
+    """SimpleTuner passes the FSDP plugin; accelerate keeps MULTI_CPU, so no FSDP checkpoint appears
+    (the resumed run of ``ddp_runs``, with ``FSDP_ON_RESUME``)."""
+    workdir, _, log = ddp_runs
     assert "fsdp_enable is set, but accelerate runs this job as MULTI_CPU" in log
-    checkpoint = tmp_path / "output" / "checkpoint-2"
+    checkpoint = workdir / "output" / "checkpoint-6"
     # accelerate's FSDP save_state writes pytorch_model_fsdp_0/ and optimizer_0/; DDP writes optimizer.bin.
     assert (checkpoint / "optimizer.bin").is_file()
     assert not list(checkpoint.glob("*fsdp*")) and not (checkpoint / "optimizer_0").exists()
