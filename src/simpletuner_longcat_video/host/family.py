@@ -272,6 +272,13 @@ class LongCatVideo(VideoModelFoundation):
             # has added the LoRA layers.
             model.compile_blocks()
             logger.info("LongCat-Video: %d DiT blocks will be torch.compile'd at the first step", len(model.blocks))
+        model.set_checkpoint_saves(self.settings.checkpoint_saves)
+        if getattr(self.config, "gradient_checkpointing", False):
+            logger.info(
+                "LongCat-Video gradient checkpointing: each block keeps %s (%s)",
+                _SAVES_SAID.get(self.settings.checkpoint_saves, self.settings.checkpoint_saves),
+                self.settings.checkpoint_saves_reason,
+            )
         options = model.set_attention_options(self.settings.attention)
         logger.info(
             "LongCat-Video attention: %s (block-sparse sparsity %s, chunk %s, cdf_threshold %s)",
@@ -382,6 +389,15 @@ class LongCatVideo(VideoModelFoundation):
             if "default" in peft_config:
                 kwargs["transformer_lora_adapter_metadata"] = peft_config["default"].to_dict()
         return super().save_lora_weights(*args, **kwargs)
+
+
+# What each level keeps, for the log line (core/selective_checkpoint.py defines them).
+_SAVES_SAID = {
+    "none": "only its input (everything recomputed in the backward)",
+    "attention": "its self-attention output and log-sum-exp (longcat_checkpoint_saves: attention)",
+    "attention+proj": "its self-attention output and the hidden-wide projection outputs (attention+proj)",
+    "attention+ffn": "its self-attention output and the FFN matmul outputs (attention+ffn)",
+}
 
 
 def _ranges(indices: list[int]) -> str:
