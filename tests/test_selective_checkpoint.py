@@ -195,7 +195,8 @@ def test_each_level_with_compiled_blocks(plain_step_one_block, level):
     from torch._dynamo.utils import counters
 
     ref, baseline = plain_step_one_block
-    model = _model(level, depth=1)  # one block: compiling is what costs here
+    # One block: compiling is what costs here. "auto" (SDPA on a CPU) traces the seam's choice too.
+    model = _model(level, "auto", depth=1)
     counters.clear()
     model.compile_blocks(backend="aot_eager")  # AOTAutograd's partitioner, as Inductor uses it
     first, _ = _step(model)
@@ -208,7 +209,7 @@ def test_each_level_with_compiled_blocks(plain_step_one_block, level):
     assert counters["stats"]["unique_graphs"] == 1
     # Another region with the same level (another block, another model) runs the same graph: with 48
     # blocks, a graph per block would pass Dynamo's recompile limit and leave the rest uncompiled.
-    again = _model(level, depth=1)
+    again = _model(level, "auto", depth=1)
     again.compile_blocks(backend="aot_eager")
     _assert_same_step(_step(again)[0], ref, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
@@ -298,6 +299,41 @@ def test_the_host_hands_its_interval_and_backend_to_the_dit():
     ModelFoundation.apply_gradient_checkpointing_settings(host)
     assert model._checkpoint_interval == 2 and model._checkpoint_stride == 3
     assert [checkpointed for _, checkpointed in model.checkpoint_plan()] == [True]  # 2 blocks: one region
+
+
+@pytest.fixture(scope="module")
+def host_family():
+    # Imported before the test's log capture starts: importing SimpleTuner reconfigures logging.
+    from simpletuner_longcat_video.host.family import LongCatVideo
+
+    return LongCatVideo
+
+
+@pytest.mark.parametrize(
+    ("keys", "level", "said"),
+    [
+        ({}, "attention", "longcat_checkpoint_saves attention (auto): each block keeps its input, self-attention"),
+        (
+            {"longcat_checkpoint_saves": "attention+ffn"},
+            "attention+ffn",
+            "longcat_checkpoint_saves attention+ffn (set in the config): each block keeps its input, self-attention "
+            "output and log-sum-exp, and the FFN matmul outputs",
+        ),
+    ],
+)
+def test_the_family_hands_the_level_to_the_dit(host_family, keys, level, said, caplog):
+    # The family's hook after the host loaded the DiT, on a family object holding only what it reads.
+    from simpletuner_longcat_video.host.settings import read_settings
+
+    family = object.__new__(host_family)
+    family.config = _config(attention_implementation="sdpa", gradient_checkpointing=True, **keys)
+    family.model = model = _model(None)
+    family.__dict__["_settings"] = read_settings(family.config)
+    family.unwrap_model = lambda model=None: model or family.model
+    with caplog.at_level("INFO", logger="simpletuner_longcat_video.host.family"):
+        family.post_model_load_setup()
+    assert model.checkpoint_saves == level
+    assert f"LongCat-Video gradient checkpointing: {said}" in caplog.text
 
 
 def _config(**keys):

@@ -275,9 +275,10 @@ class LongCatVideo(VideoModelFoundation):
         model.set_checkpoint_saves(self.settings.checkpoint_saves)
         if getattr(self.config, "gradient_checkpointing", False):
             logger.info(
-                "LongCat-Video gradient checkpointing: each block keeps %s (%s)",
-                _SAVES_SAID.get(self.settings.checkpoint_saves, self.settings.checkpoint_saves),
+                "LongCat-Video gradient checkpointing: longcat_checkpoint_saves %s (%s): each block keeps %s",
+                self.settings.checkpoint_saves,
                 self.settings.checkpoint_saves_reason,
+                _SAVES_SAID[self.settings.checkpoint_saves],
             )
         options = model.set_attention_options(self.settings.attention)
         logger.info(
@@ -394,9 +395,9 @@ class LongCatVideo(VideoModelFoundation):
 # What each level keeps, for the log line (core/selective_checkpoint.py defines them).
 _SAVES_SAID = {
     "none": "only its input (everything recomputed in the backward)",
-    "attention": "its self-attention output and log-sum-exp (longcat_checkpoint_saves: attention)",
-    "attention+proj": "its self-attention output and the hidden-wide projection outputs (attention+proj)",
-    "attention+ffn": "its self-attention output and the FFN matmul outputs (attention+ffn)",
+    "attention": "its input, self-attention output and log-sum-exp",
+    "attention+proj": "its input, self-attention output and log-sum-exp, and the hidden-wide projection outputs",
+    "attention+ffn": "its input, self-attention output and log-sum-exp, and the FFN matmul outputs",
 }
 
 
