@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels (diffusers, peft, this package),
 # then run the block-sparse correctness script and the benchmarks. Output tables land in $OUT.
-# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|train|multi|all] [train rows | multi modes]
+# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|train|multi|validation|sampling|all] [train rows | multi modes | script arguments]
 # The full-size host run: bash benchmarks/device_run.sh full-1 | full-2 | full-3 | full-4 | full-poll [seconds] (see device_full.sh).
 # `multi` needs the nvidia-h200-x2 kind (two GPUs of one host).
 set -uo pipefail
@@ -34,6 +34,13 @@ if [[ $what == multi ]]; then
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     nvidia-smi topo -m | head -5
     python3 "$repo/benchmarks/multi_gpu.py" --modes "${2:-single-480,ddp,fsdp2,single-720,cp2}" ${3:-} 2>&1 | tee "$OUT/multi_gpu.txt" || status=1
+fi
+if [[ $what == validation ]]; then
+    # Extra arguments go to validation_video.py (e.g. "--backend auto --compile").
+    python3 "$repo/benchmarks/validation_video.py" ${2:---backend auto --compile} 2>&1 | tee "$OUT/validation_video.txt" || status=1
+fi
+if [[ $what == sampling ]]; then
+    python3 "$repo/benchmarks/sampling_step.py" ${2:-} 2>&1 | tee "$OUT/sampling_step.txt" || status=1
 fi
 if [[ $what == pipeline || $what == all ]]; then
     python3 "$repo/benchmarks/gpu_check_pipeline.py" 2>&1 | tee "$OUT/gpu_check_pipeline.txt" || status=1

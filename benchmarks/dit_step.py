@@ -123,6 +123,8 @@ def build_model(
             else:
                 p.zero_()
     model.requires_grad_(False)
+    if not lora_rank:  # the plain model (benchmarks/sampling_step.py samples without an adapter)
+        return model
 
     from peft import LoraConfig
 
@@ -273,19 +275,21 @@ def measured_matmul_flops(model, inputs, ncl: int) -> float:
     return float(sum(v for op, v in counts.items() if not any(s in str(op) for s in skip)))
 
 
-def main() -> None:
-    args = parse_args()
+def device_and_config(args: argparse.Namespace, tiny_frames: int) -> tuple[torch.device, torch.dtype, dict]:
+    """``--tiny``: CPU, float32, the tiny config, and small sizes written into ``args``; else CUDA and the full DiT."""
     if args.tiny:
-        device, dtype = torch.device("cpu"), torch.float32
-        config = dict(TINY_CONFIG)
-        args.height, args.width, args.frames = 64, 64, 9
+        args.height, args.width, args.frames = 64, 64, tiny_frames
         args.text_len, args.text_valid = 16, 5
         args.steps = min(args.steps, 2)
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("the full-size benchmark needs a CUDA GPU; use --tiny for a CPU smoke test")
-        device, dtype = torch.device("cuda"), torch.bfloat16
-        config = dict(FULL_CONFIG)
+        return torch.device("cpu"), torch.float32, dict(TINY_CONFIG)
+    if not torch.cuda.is_available():
+        raise SystemExit("the full-size benchmark needs a CUDA GPU; use --tiny for a CPU smoke test")
+    return torch.device("cuda"), torch.bfloat16, dict(FULL_CONFIG)
+
+
+def main() -> None:
+    args = parse_args()
+    device, dtype, config = device_and_config(args, tiny_frames=9)
     zero_pad = args.text_zero_pad == "on"
     config["text_tokens_zero_pad"] = zero_pad
     shape = shape_from_args(args)
@@ -371,9 +375,14 @@ def main() -> None:
     for k, v in rows:
         print(f"| {k} | {v} |")
 
+    write_result("dit_step.json", result)
+
+
+def write_result(name: str, result: dict) -> None:
+    """``result`` as ``$OUT/<name>`` when ``$OUT`` is set (the device machine hands that folder back)."""
     out_dir = os.environ.get("OUT")
     if out_dir:
-        path = Path(out_dir) / "dit_step.json"
+        path = Path(out_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         print(f"\nwrote {path}")

@@ -21,6 +21,7 @@ Rows (ours and the built-in unless marked):
   bsa-compiled-saves-ffn        ours only: the same with attention+ffn (also the FFN matmul outputs)
   bsa-saves-attention           ours only: bsa (eager blocks) with longcat_checkpoint_saves: attention
   plain-compiled-saves-attention  ours only: plain-compiled (dense SDPA) with longcat_checkpoint_saves: attention
+  bsa-compiled-k13  ours only: bsa-compiled as video continuation from 13 frames (4 condition latents)
   swap8          plain + musubi_blocks_to_swap=8 (blocks 40-47 streamed from CPU memory)
   int8-quanto    plain with the frozen DiT quantised by the host (optimum-quanto int8 weights)
   fp8-torchao    plain with the frozen DiT quantised by the host (torchao fp8 weights + activations)
@@ -75,6 +76,7 @@ ROWS: dict[str, dict] = {
     "bsa-compiled-saves-ffn": {"ours_only": True, "bsa": True, "compile": True, "saves": "attention+ffn"},
     "bsa-saves-attention": {"ours_only": True, "bsa": True, "saves": "attention"},
     "plain-compiled-saves-attention": {"ours_only": True, "compile": True, "saves": "attention"},
+    "bsa-compiled-k13": {"ours_only": True, "bsa": True, "compile": True, "cond": 4},
     "swap8": {"swap": 8},
     "int8-quanto": {"precision": "int8-quanto"},
     "fp8-torchao": {"precision": "fp8-torchao"},

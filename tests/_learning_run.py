@@ -10,6 +10,8 @@ dropout, the DiT's target modules), AdamW with the host's ``adamw_bf16`` default
 gradient clipping. What it leaves out is the trainer's bookkeeping (data loaders, caches,
 checkpoints, logging), which the demo's host run in test_i2v_training.py covers. A mutation
 patches ``simpletuner_longcat_video.host.family``, the module the host calls, in the same way.
+Continuation batches (:func:`train_continuation_and_check`) name their dataset, whose K the family
+reads from the host's ``StateTracker`` as in a host run (test_continuation_training.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,19 @@ from types import SimpleNamespace
 
 import torch
 
-from simpletuner_longcat_video.testing.learning import LearningCheck, Pair, clip_latents, latent_errors, read_clip
+from simpletuner_longcat_video import spec
+from simpletuner_longcat_video.testing.learning import (
+    Clip,
+    LearningCheck,
+    Pair,
+    clip_latents,
+    continuation_errors,
+    latent_errors,
+    read_clip,
+)
+
+# The dataset id continuation batches name (the host's collate names each batch's dataset).
+CONTINUATION_DATASET = "learning-continuation"
 
 
 def host_config(config_path: Path):
@@ -61,19 +75,67 @@ def _batches(pipe, pairs: list[Pair]) -> list[dict]:
     return batches
 
 
+def _continuation_batches(pipe, clips: list[Clip]) -> list[dict]:
+    """What the host's collate hands ``prepare_batch`` for each clip of a continuation dataset (batch size 1)."""
+    batches = []
+    for item in clips:
+        frames = read_clip(item.clip)
+        width, height = frames[0].size
+        states, mask = pipe.encode_prompt(item.caption, torch.device("cpu"))
+        batches.append(
+            {
+                "latent_batch": clip_latents(pipe, frames, height, width),
+                "prompt_embeds": states,
+                "encoder_attention_mask": mask,
+                "data_backend_id": CONTINUATION_DATASET,
+            }
+        )
+    return batches
+
+
 def train_and_check(checkpoint: Path, config_path: Path, pairs: list[Pair], steps: int | None = None) -> LearningCheck:
     """Train a LoRA on ``pairs`` with the host's step code, then the learning check on the same pairs."""
-    from peft import LoraConfig
-
     from simpletuner_longcat_video.core.pipeline import load_pipeline
-    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES
-    from simpletuner_longcat_video.host.family import LongCatVideo
 
-    config = host_config(config_path)
     pipe = load_pipeline(str(checkpoint))
     before = latent_errors(pipe, pairs)
     with torch.no_grad():
         batches = _batches(pipe, pairs)
+    _train(pipe, host_config(config_path), batches, steps)
+    after = latent_errors(pipe, pairs)
+    return LearningCheck(names=tuple(pair.clip.stem for pair in pairs), before=tuple(before), after=tuple(after))
+
+
+def train_continuation_and_check(
+    checkpoint: Path, config_path: Path, clips: list[Clip], condition_frames: int, steps: int | None = None
+) -> LearningCheck:
+    """The same for a continuation dataset: each clip trained and then continued from its first frames."""
+    from simpletuner.helpers.training.state_tracker import StateTracker
+
+    from simpletuner_longcat_video.core.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(checkpoint))
+    before = continuation_errors(pipe, clips, condition_frames)
+    with torch.no_grad():
+        batches = _continuation_batches(pipe, clips)
+    # The dataset as the family reads it for each batch: its video block after prepare_datasets.
+    configured = {CONTINUATION_DATASET: {"config": {"video": {spec.CONDITION_FRAMES_KEY: condition_frames}}}}
+    previous = StateTracker.data_backends
+    StateTracker.data_backends = configured
+    try:
+        _train(pipe, host_config(config_path), batches, steps)
+    finally:
+        StateTracker.data_backends = previous
+    after = continuation_errors(pipe, clips, condition_frames)
+    return LearningCheck(names=tuple(item.clip.stem for item in clips), before=tuple(before), after=tuple(after))
+
+
+def _train(pipe, config, batches: list[dict], steps: int | None) -> None:
+    """A LoRA added to ``pipe.transformer`` and trained on ``batches`` in turn with the host's step code."""
+    from peft import LoraConfig
+
+    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES
+    from simpletuner_longcat_video.host.family import LongCatVideo
 
     model = pipe.transformer
     model.requires_grad_(False)
@@ -98,7 +160,10 @@ def train_and_check(checkpoint: Path, config_path: Path, pairs: list[Pair], step
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-6)
     model.train()
     for step in range(steps or config.max_train_steps):
-        raw = {key: value.clone() for key, value in batches[step % len(batches)].items()}
+        raw = {
+            key: value.clone() if torch.is_tensor(value) else value
+            for key, value in batches[step % len(batches)].items()
+        }
         prepared = family.prepare_batch(raw, state={"global_step": step})
         loss = family.loss(prepared, family.model_predict(prepared))
         optimizer.zero_grad()
@@ -106,5 +171,3 @@ def train_and_check(checkpoint: Path, config_path: Path, pairs: list[Pair], step
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
     model.eval()
-    after = latent_errors(pipe, pairs)
-    return LearningCheck(names=tuple(pair.clip.stem for pair in pairs), before=tuple(before), after=tuple(after))

@@ -9,6 +9,8 @@ which reports what it measured; the tests assert on the report. What is checked:
   backward per block), no backend was retired, and the output is not SDPA's (sparsity is in force);
 * Dynamo made one graph per block, with no graph break, and the forward op is in every graph;
 * attention alone (the seam, the I2V split, projections) compiled by Inductor matches eager;
+* the condition KV cache of sampling with block-sparse attention: cached == uncached, eager and in
+  compiled blocks, the kernels in every graph and no fallback;
 * ``torch.library.opcheck``: the ops' schemas, autograd registration and fake (shape function)
   outputs agree with the real ones, for top-k, CDF and half-tile (partial grid) selections.
 """
@@ -109,6 +111,17 @@ def _dit_step(model) -> dict[str, torch.Tensor]:
     return {"out": out.detach(), "latents.grad": latents.grad, **grads}
 
 
+@torch.no_grad()
+def _dit_sample(model) -> torch.Tensor:
+    # What validation does after training steps: no grad, both CFG branches in one batch of 2.
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 16, 3, 8, 8, generator=gen)
+    timesteps = torch.tensor([[0.0, 400.0, 400.0]] * 2)
+    text = torch.randn(2, 1, 6, 32, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    return model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0]
+
+
 def _compare(got: dict, ref: dict) -> dict[str, float]:
     return {name: _rel(got[name], ref[name]) for name in ref}
 
@@ -118,8 +131,11 @@ def _check_dit(launches: _Launches) -> dict[str, object]:
 
     from simpletuner_longcat_video.core import attention
 
-    eager = _dit_step(_dit())
+    eager_model = _dit()
+    eager = _dit_step(eager_model)
     eager_launches = launches.take()
+    eager_sample = _dit_sample(eager_model)
+    launches.take()
     sdpa = _dit_step(_dit("sdpa"))
     launches.take()
 
@@ -133,19 +149,70 @@ def _check_dit(launches: _Launches) -> dict[str, object]:
     compiled_launches = launches.take()
     graphs_first_step = len(graphs)
     again = _dit_step(model)  # the compiled graphs again, no new compile
+    second_step_launches = launches.take()
+    graphs_after_second_step = len(graphs)
+    sample = _dit_sample(model)  # a new grad mode and batch: compiles again, must still run the kernels
     return {
+        "sampling_launches": launches.take(),
+        "rel_sampling_vs_eager": _rel(sample, eager_sample),
         "eager_launches": eager_launches,
         "compiled_launches": compiled_launches,
-        "second_step_launches": launches.take(),
+        "second_step_launches": second_step_launches,
         "graphs": graphs_first_step,
-        "graphs_after_second_step": len(graphs),
-        "ops_per_graph": [_ops_in(g) for g in graphs],
+        "graphs_after_second_step": graphs_after_second_step,
+        "ops_per_graph": [_ops_in(g) for g in graphs[:graphs_after_second_step]],
         "graph_breaks": sum(counters["graph_break"].values()),
         "failed_backends": attention.failed_backends(),
         "rel_compiled_vs_eager": _compare(compiled, eager),
         "rel_second_vs_eager": _compare(again, eager),
         "rel_eager_vs_sdpa_out": _rel(eager["out"], sdpa["out"]),
         "first_compiled_step_s": round(first_step_s, 2),
+        "depth": TINY["depth"],
+    }
+
+
+def _cache_step(model, cached: bool) -> torch.Tensor:
+    """A no-grad sampling step of continuation: 4 latent frames, the first 2 the condition (5 pixel
+    frames), so both the condition call and the noisy call run the kernels. Batch 1 keeps the
+    interpreter quick; the CFG batch's use of the cache is checked with SDPA (test_condition_cache.py)."""
+    gen = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 16, 4, 8, 8, generator=gen)
+    timesteps = torch.tensor([[0.0, 0.0, 700.0, 700.0]])
+    text = torch.randn(1, 1, 6, 32, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        cache = model.condition_cache(latents[:, :, :2], total_frames=4) if cached else None
+        return model(latents, timesteps, text, mask, 2, return_dict=False, condition_cache=cache)[0]
+
+
+def _check_cache(launches: _Launches) -> dict[str, object]:
+    """The condition KV cache with block-sparse attention, eager and in compiled blocks."""
+    from torch._dynamo.utils import counters
+
+    from simpletuner_longcat_video.core import attention
+
+    model = _dit()  # one model for every row: building one with LoRA costs more than a step here
+    uncached = _cache_step(model, cached=False)
+    uncached_launches = launches.take()
+    cached = _cache_step(model, cached=True)
+    cached_launches = launches.take()
+    model.set_attention_options(backend="sdpa")
+    dense = _cache_step(model, cached=True)
+    model.set_attention_options(**OPTIONS)
+    launches.take()
+    graphs: list = []
+    counters.clear()
+    model.compile_blocks(backend=_recording("aot_eager", graphs))
+    compiled = _cache_step(model, cached=True)
+    return {
+        "launches": {"uncached": uncached_launches, "cached": cached_launches, "compiled": launches.take()},
+        "graphs": len(graphs),
+        "ops_per_graph": [_ops_in(g) for g in graphs],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "failed_backends": attention.failed_backends(),
+        "rel_cached_vs_uncached": _rel(cached, uncached),
+        "rel_compiled_vs_eager": _rel(compiled, cached),
+        "rel_cached_vs_sdpa": _rel(cached, dense),
         "depth": TINY["depth"],
     }
 
@@ -249,7 +316,7 @@ def _worker_main() -> None:
     launches = _Launches()
     wall = {}
     results = {}
-    for name, check in (("dit", _check_dit), ("inductor", _check_inductor)):
+    for name, check in (("dit", _check_dit), ("inductor", _check_inductor), ("cache", _check_cache)):
         started = time.perf_counter()
         results[name] = check(launches)
         wall[name] = round(time.perf_counter() - started, 2)
@@ -284,6 +351,9 @@ def test_compiled_dit_runs_the_block_sparse_kernels_with_eager_results(report):
         assert rel <= AOT_EAGER_RTOL, f"{name}: relative difference {rel:.2e}"
     # Sparsity is in force: the same model under SDPA gives another output.
     assert dit["rel_eager_vs_sdpa_out"] > 1e-2
+    # Validation after training (no grad, CFG batch of 2) recompiles and still runs the kernels.
+    assert dit["sampling_launches"] == {"forward": depth, "backward": 0}
+    assert dit["rel_sampling_vs_eager"] <= AOT_EAGER_RTOL
 
 
 def test_compiled_dit_has_one_graph_per_block_with_the_op_in_it(report):
@@ -303,6 +373,21 @@ def test_inductor_compiled_attention_matches_eager(report):
     assert result["ops_per_graph"] == [["longcat_bsa.forward.default"]]
     for name, rel in result["rel_compiled_vs_eager"].items():
         assert rel <= INDUCTOR_RTOL, f"{name}: relative difference {rel:.2e}"
+
+
+def test_condition_cache_keeps_block_sparse_attention_eager_and_compiled(report):
+    result = report["cache"]
+    depth = result["depth"]
+    # Uncached, each block runs the condition call (2 frames) and the noisy call (2 frames against 4);
+    # with the cache the cache pass makes the condition calls and the step the noisy ones: the same
+    # kernel launches, none fell back to SDPA, compiled blocks too (one graph per block, the op in it).
+    per_step = {"forward": 2 * depth, "backward": 0}
+    assert result["launches"] == {"uncached": per_step, "cached": per_step, "compiled": per_step}
+    assert result["failed_backends"] == {} and result["graph_breaks"] == 0
+    assert result["graphs"] == depth and result["ops_per_graph"] == [["longcat_bsa.forward.default"]] * depth
+    assert result["rel_cached_vs_uncached"] <= 1e-5
+    assert result["rel_compiled_vs_eager"] <= AOT_EAGER_RTOL
+    assert result["rel_cached_vs_sdpa"] > 1e-2  # sparsity was in force
 
 
 @pytest.mark.parametrize("case", list(OPCHECK_CASES), ids=list(OPCHECK_CASES))

@@ -88,7 +88,7 @@ def test_host_parser_carries_plugin_keys():
     )
     assert unknown == [] and args.attention_implementation == "xformers" and args.longcat_bsa_chunk == "4,4,8"
     assert args.longcat_bsa_sparsity == 0.875 and args.longcat_bsa_cdf_threshold is None
-    assert args.longcat_compile_blocks == "false" and type(args.flow_schedule_shift) is patches.HostDefault
+    assert args.longcat_compile_blocks == "auto" and type(args.flow_schedule_shift) is patches.HostDefault
     numbers, _ = parser.parse_known_args([*required, "--longcat_bsa_cdf_threshold=0.9", "--longcat_bsa_sparsity=0.5"])
     assert (numbers.longcat_bsa_cdf_threshold, numbers.longcat_bsa_sparsity) == (0.9, 0.5)
     with pytest.raises((SystemExit, argparse.ArgumentError)):

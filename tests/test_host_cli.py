@@ -30,6 +30,8 @@ def test_server_api_lists_and_describes_our_family(tmp_path):
     assert "UMT5EncoderModel" in json.dumps(encoder)
     assert "Qwen" not in json.dumps(details)
     assert details["capabilities"]["is_video_model"] is True
+    # The host's model API has no field for continuation; the description the WebUI shows names it.
+    assert details["attributes"]["model_description"] == spec.DESCRIPTION and "video continuation" in spec.DESCRIPTION
     assert flavours["flavours"] == ["final"]
     assert log.count("is provided by plugin simpletuner-longcat-video") >= 1
 

@@ -11,25 +11,19 @@ batch can be checked; the LoRA it writes must pass the demo's learning check.
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
-import io
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-from _host_run import demo, run_host
+from _host_run import cached_latent, demo, pipeline_calls, recorded_run, run_host
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-RECORDER = Path(__file__).resolve().parent / "fault_injection"
 VAL_CLIP = "clip_100"  # the validation split's one clip (tiny.build_learning_dataset)
 STEPS = demo.LEARNING_OVERRIDES["max_train_steps"]
 
@@ -52,22 +46,7 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("i2v-train")
     demo.prepare(workdir, learning=True)
     enlarge_start_frames(workdir)
-    record = workdir / "record"
-    record.mkdir()
-    command, env = demo.host_command(workdir)
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")])),
-        LONGCAT_RECORD_DIR=str(record),
-    )
-    with (workdir / "train.log").open("w") as log:
-        code = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    log = (workdir / "train.log").read_text(errors="replace")
-    return workdir, code, log, demo.summarise(workdir, log)
-
-
-def pipeline_calls(workdir: Path) -> list[dict]:
-    calls = sorted((workdir / "record").glob("pipeline_call_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    return [torch.load(path, weights_only=False) for path in calls]
+    return workdir, *recorded_run(workdir)
 
 
 def expected_start_image(workdir: Path, split: str = "val", name: str = VAL_CLIP) -> np.ndarray:
@@ -169,14 +148,6 @@ def initial_latents(pipe, call: dict, image: np.ndarray) -> torch.Tensor:
     precision = torch.autocast("cpu", dtype=call["autocast"]) if call["autocast"] else contextlib.nullcontext()
     with precision:
         return pipe.prepare_latents(1, height, width, frames, Image.fromarray(image), generator)[0]
-
-
-def cached_latent(folder: Path, name: str) -> torch.Tensor:
-    """The host's VAE cache entry for the file ``name`` (any suffix) of the dataset cached in ``folder``."""
-    raw = (folder / f"{hashlib.sha256(name.encode()).hexdigest()}.pt").read_bytes()
-    with contextlib.suppress(OSError):
-        raw = gzip.decompress(raw)
-    return torch.load(io.BytesIO(raw), map_location="cpu")
 
 
 def test_validation_starts_from_the_eval_split_start_frame_and_saves_it(trained):

@@ -12,15 +12,18 @@ test_i2v_training.py); with one piece of the I2V batch broken inside
 from __future__ import annotations
 
 import pytest
-from _learning_run import train_and_check
+from _learning_run import train_and_check, train_continuation_and_check
 from conftest import load_demo
 from fault_injection import learning_mutations
 
 from simpletuner_longcat_video.host import family
-from simpletuner_longcat_video.testing.learning import training_pairs
+from simpletuner_longcat_video.testing.learning import THRESHOLD, training_clips, training_pairs
+from simpletuner_longcat_video.testing.tiny import build_continuation_learning_dataset
 
 pytestmark = pytest.mark.slow
 demo = load_demo()
+# Continuation: 9-frame clips continued from their first 5 frames (2 condition latents, 1 generated).
+CONDITION_FRAMES = 5
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +66,35 @@ def test_the_condition_frame_left_in_the_loss_is_caught_by_the_loss_test(monkeyp
     learning_mutations.apply("condition_frame_in_loss", family, monkeypatch.setattr)
     with pytest.raises(AssertionError):
         loss_test()
+
+
+@pytest.fixture(scope="module")
+def continuation(prepared, tmp_path_factory):
+    # The same checkpoint and config; the continuation counterpart of the learning dataset: which
+    # colour follows can only be read from the clip's own first frames.
+    folders = build_continuation_learning_dataset(
+        tmp_path_factory.mktemp("continuation"), frames=demo.TINY_FRAMES, condition_frames=CONDITION_FRAMES
+    )
+    checkpoint, config, _ = prepared
+    return checkpoint, config, training_clips(folders["train_clips"])
+
+
+@pytest.fixture(scope="module")
+def continuation_control(continuation):
+    return train_continuation_and_check(*continuation, CONDITION_FRAMES)
+
+
+def test_the_unbroken_continuation_step_learns_both_clips(continuation_control):
+    # The I2V check's threshold: continued from its first frames, each clip's error drops as much.
+    print(continuation_control.table())
+    assert continuation_control.threshold == THRESHOLD
+    assert continuation_control.passed and continuation_control.every_pair_passed, continuation_control.table()
+
+
+def test_a_noised_continuation_condition_fails_the_learning_check(continuation, continuation_control, monkeypatch):
+    learning_mutations.apply("noised_continuation_frames", family, monkeypatch.setattr)
+    check = train_continuation_and_check(*continuation, CONDITION_FRAMES)
+    print(f"noised_continuation_frames:\n{check.table()}")
+    assert check.before == continuation_control.before
+    assert not check.passed, check.table()
+    assert check.error_after > 2 * continuation_control.error_after, check.table()

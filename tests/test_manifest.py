@@ -59,6 +59,7 @@ def test_family_entry_points_match_manifest_and_spec(manifest):
     assert family["huggingface_paths"] == spec.FLAVOURS
     assert family["text_encoder"] == spec.TEXT_ENCODER_CLASS
     assert family["prediction_type"] == spec.PREDICTION_TYPE
+    assert family["tasks"] == list(spec.TASKS)
 
 
 def test_registered_class_matches_manifest(manifest):

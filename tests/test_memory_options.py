@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,7 @@ from simpletuner_longcat_video.host import family  # noqa: F401  (hands SimpleTu
 from simpletuner_longcat_video.host.settings import (
     check_block_swap_config,
     check_compile_config,
+    compile_blocks_for,
     compile_blocks_requested,
     read_settings,
 )
@@ -223,14 +226,19 @@ def test_unsloth_checkpointing_backend_gives_the_same_gradients():
         offloaded.set_gradient_checkpointing_backend("torch-ffn")
 
 
-def test_compiled_blocks_give_the_same_step():
+def test_compiled_blocks_give_the_same_step(caplog):
     inputs = _inputs()
     eager, compiled = _model(), _model()
     for model in (eager, compiled):
         model.enable_gradient_checkpointing()
     compiled.compile_blocks()
     out_eager, grads_eager = _step(eager, inputs)
-    out_compiled, grads_compiled = _step(compiled, inputs)
+    with caplog.at_level(logging.INFO, logger="simpletuner_longcat_video.core.transformer"):
+        out_compiled, grads_compiled = _step(compiled, inputs)
+        _step(compiled, inputs)
+    # The compile time reaches the log once per grad mode, with a figure; eager models say nothing.
+    timings = [r.getMessage() for r in caplog.records if "compiled blocks: the first" in r.getMessage()]
+    assert len(timings) == 1 and re.search(r"first training forward took \d+\.\d s", timings[0]), timings
     # Inductor fuses float32 element-wise chains, so sums may round differently (~1e-6).
     torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-5)
     for name, grad in grads_eager.items():
@@ -238,15 +246,38 @@ def test_compiled_blocks_give_the_same_step():
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"), [(None, False), ("false", False), ("true", True), ("TRUE", True), (True, True)]
+    ("raw", "expected"),
+    [(None, None), ("auto", None), ("false", False), ("true", True), ("TRUE", True), (True, True), (False, False)],
 )
 def test_compile_option_values(raw, expected):
     assert compile_blocks_requested(SimpleNamespace(longcat_compile_blocks=raw)) is expected
 
 
 def test_compile_option_refuses_other_values():
-    with pytest.raises(LongCatVideoError, match=r"longcat_compile_blocks = 'yes': must be true or false"):
+    with pytest.raises(LongCatVideoError, match=r"longcat_compile_blocks = 'yes': must be auto, true or false"):
         compile_blocks_requested(SimpleNamespace(longcat_compile_blocks="yes"))
+
+
+@pytest.mark.parametrize(
+    ("keys", "device", "expected"),
+    [
+        ({}, "cuda", True),
+        ({}, "cpu", False),
+        ({"base_model_precision": "int8-quanto"}, "cuda", False),
+        ({"base_model_precision": "fp8-torchao"}, "cuda", False),
+        ({"musubi_blocks_to_swap": 8}, "cuda", False),
+        ({"context_parallel_size": 2}, "cuda", False),
+        ({"longcat_compile_blocks": "false"}, "cuda", False),
+        ({"longcat_compile_blocks": "true"}, "cpu", True),
+        ({"longcat_compile_blocks": "true", "musubi_blocks_to_swap": 8}, "cuda", True),
+    ],
+)
+def test_auto_compiles_only_in_the_measured_setting(keys, device, expected):
+    # auto = compiled where the H200 measured it faster (bf16 base, CUDA, no swap, no context
+    # parallelism); an explicit value always wins.
+    config = SimpleNamespace(**keys)
+    compiled, reason = compile_blocks_for(config, read_settings(config), device)
+    assert compiled is expected and reason
 
 
 def test_compiled_blocks_with_a_quanto_base_are_refused():

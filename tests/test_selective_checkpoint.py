@@ -330,6 +330,7 @@ def test_the_family_hands_the_level_to_the_dit(host_family, keys, level, said, c
     family.model = model = _model(None)
     family.__dict__["_settings"] = read_settings(family.config)
     family.unwrap_model = lambda model=None: model or family.model
+    family.accelerator = SimpleNamespace(device=torch.device("cpu"), is_main_process=True)
     with caplog.at_level("INFO", logger="simpletuner_longcat_video.host.family"):
         family.post_model_load_setup()
     assert model.checkpoint_saves == level
@@ -412,6 +413,18 @@ def test_unknown_values_and_combinations_are_refused_before_launch(keys, message
     config = _config(pretrained_model_name_or_path=str(tiny_checkpoint), model_flavour="final", **keys)
     with pytest.raises(LongCatVideoError, match=message):
         check_config_before_launch(config)
+
+
+def test_auto_compile_stays_eager_where_a_level_meets_the_offload():
+    # longcat_compile_blocks auto compiles on CUDA; with the host's offload and a level it must not,
+    # since that combination is refused when asked for explicitly.
+    from simpletuner_longcat_video.host.settings import compile_blocks_for, read_settings
+
+    offload = _config(longcat_compile_blocks="auto", gradient_checkpointing_backend="unsloth")
+    explicit = _config(**{**vars(offload), "longcat_checkpoint_saves": "attention"})
+    assert compile_blocks_for(offload, read_settings(offload), "cuda")[0] is True  # auto saves: none
+    compiled, reason = compile_blocks_for(explicit, read_settings(explicit), "cuda")
+    assert not compiled and "longcat_checkpoint_saves attention" in reason
 
 
 def test_xformers_is_refused_with_a_level_and_turns_auto_off(monkeypatch):

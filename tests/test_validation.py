@@ -185,3 +185,75 @@ def test_without_a_benchmark_the_start_image_is_stitched_beside_every_frame(tmp_
     monkeypatch.setattr(StateTracker, "get_model", classmethod(lambda cls: object()))
     with pytest.raises(AttributeError):  # another family: the host's behaviour, untouched
         host.stitch_validation_input_image(video, start)
+
+
+def _colour_clip(frames: int, width: int, height: int) -> np.ndarray:
+    """``[frames, H, W, 3]`` uint8, one flat colour per frame, every frame another colour."""
+    colours = [(20 + 25 * t, 200 - 15 * t, (60 * t) % 256) for t in range(frames)]
+    return np.stack([np.full((height, width, 3), colour, np.uint8) for colour in colours])
+
+
+@pytest.mark.parametrize("generated_frames", [9, 13])
+def test_a_continuation_eval_clip_is_continued_from_its_first_frames_and_saved_beside_the_result(
+    tmp_path, monkeypatch, generated_frames
+):
+    from simpletuner_longcat_video import spec
+
+    # The eval dataset as prepare_datasets leaves it: K = 5 in its video block, 9 frames kept.
+    monkeypatch.setattr(
+        StateTracker,
+        "data_backends",
+        {"cont-val": {"config": {"video": {"num_frames": 9, spec.CONDITION_FRAMES_KEY: 5}}}},
+    )
+    monkeypatch.setattr(StateTracker, "get_global_step", classmethod(lambda cls: 7))
+    clip = _colour_clip(10, 32, 24)  # the host's training preparation of the clip (one frame more than kept)
+    prepared = []
+
+    def prepare_sample(image, data_backend_id, filepath, model):
+        prepared.append((image, data_backend_id, filepath))
+        return clip, (0, 0), 32 / 24
+
+    monkeypatch.setattr("simpletuner.helpers.caching.vae.prepare_sample", prepare_sample)
+    model = longcat_model(tmp_path, validation_using_datasets=True, framerate=8)
+    sample = host_validation.ValidationPrompt(
+        shortname="cont-val_0",
+        prompt="a red square moves",
+        type=host_validation.ValidationConditioningType.IMAGE,
+        conditioning=Image.fromarray(clip[0]),  # the host's choice: the clip's first frame
+        image_path="/data/val/clips/clip_300.mp4",
+        data_backend_id="cont-val",
+    )
+    (paired,) = model.pair_validation_start_frames([sample])
+
+    # The host resizes the start image to the validation size and hands it over as `image`.
+    kwargs = model.update_pipeline_call_kwargs(
+        {"image": [paired.conditioning.resize((64, 48))], "width": 64, "height": 48}
+    )
+    assert prepared == [(None, "cont-val", "/data/val/clips/clip_300.mp4")]  # read whole, as training prepares it
+    assert "image" not in kwargs and kwargs["num_condition_frames"] == 5
+    expected = [Image.fromarray(frame).resize((64, 48), Image.Resampling.LANCZOS) for frame in clip[:9]]
+    assert [np.array(frame).tolist() for frame in kwargs["video"]] == [
+        np.array(frame).tolist() for frame in expected[:5]
+    ]
+    assert model.supports_multistage_validation()
+
+    generated = [Image.new("RGB", (64, 48), (250, 250 - 20 * t, 10 * t)) for t in range(generated_frames)]
+    calls = []
+
+    def pipeline_call(pipeline, call_kwargs):
+        calls.append(call_kwargs)
+        return SimpleNamespace(frames=[generated])
+
+    model.pipeline = object()
+    result = model.run_multistage_validation(kwargs, pipeline_call)
+    assert result.frames[0] is generated and calls == [kwargs]
+    model.run_multistage_validation(kwargs, lambda pipeline, call_kwargs: SimpleNamespace(frames=[generated[::-1]]))
+    # A second call for the same sample (the host's EMA comparison) leaves the first result's file as it was.
+    saved = tmp_path / "validation_images" / "step_7_cont-val_0_64x48.continued-beside-clip-128x48.mp4"
+    frames = frames_of(saved)
+    assert len(frames) == generated_frames and frames[0].shape == (48, 128, 3)
+    for t, frame in enumerate(frames):
+        left, right = frame[:, :64].astype(int), frame[:, 64:].astype(int)
+        assert np.abs(left - np.array(generated[t])).mean() < 4, t
+        truth = np.array(expected[t]) if t < 9 else np.zeros((48, 64, 3))  # the clip's 9 frames, then black
+        assert np.abs(right - truth).mean() < 4, t

@@ -15,7 +15,12 @@ from simpletuner_longcat_video.errors import LongCatVideoError
 
 FAMILY = "longcat_video"
 DISPLAY_NAME = "LongCat-Video"
-DESCRIPTION = "LongCat-Video image-to-video (and text-to-video) flow-matching transformer, as a plugin"
+DESCRIPTION = (
+    "LongCat-Video flow-matching transformer for image-to-video, video continuation and text-to-video, as a plugin"
+)
+# What one checkpoint and one LoRA training run can do (the host's model API has no field for these:
+# the WebUI shows DESCRIPTION; plugin_manifest.toml lists them).
+TASKS = ("text-to-video", "image-to-video", "video-continuation")
 FLAVOURS: dict[str, str] = {"final": "meituan-longcat/LongCat-Video"}
 DEFAULT_FLAVOUR = "final"
 PREDICTION_TYPE = "flow_matching"
@@ -54,13 +59,23 @@ DEFAULT_RESOLUTION = (480, 832)  # height, width
 FLOW_SHIFT = 12.0
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 40
+DEFAULT_FRAMERATE = 15  # upstream's demos write their videos at 15 fps
 NUM_COND_LATENTS_I2V = 1
+
+# Video continuation: a video dataset marked with this key (K pixel frames, K = 4k + 1) trains with
+# its clip's own first (K - 1) / 4 + 1 latent frames as the condition. The Wan VAE is causal in
+# time, so those latent frames of the whole clip's encode are the encode of its first K frames
+# alone: what the pipeline encodes when it continues a clip from K frames.
+CONDITION_FRAMES_KEY = "longcat_condition_frames"
 
 # The official CFG + step distillation LoRA (lora/cfg_step_lora.safetensors) samples with these.
 DISTILL_LORA_FILE = "lora/cfg_step_lora.safetensors"
 DISTILL_STEPS = 16
 DISTILL_GUIDANCE = 1.0
 DISTILL_GRID_STEPS = 50  # the distillation's sigma grid (upstream num_distill_sample_steps)
+
+# Video continuation sampling: upstream's generate_vc conditions on 13 pixel frames (4 latent frames).
+DEFAULT_CONDITION_FRAMES = 13
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,25 @@ def check_frames(value: object, where: str) -> int:
             value=frames,
             rule="LongCat-Video needs (frames - 1) % 4 == 0 (the VAE keeps frame 1 and compresses the rest 4x)",
             fix=f"use {below} or {below + 4}",
+        )
+    return frames
+
+
+def check_condition_frames(value: object, num_frames: int | None, where: str) -> int:
+    """``value`` as a count of leading pixel frames that condition a video: 4k+1, below ``num_frames``.
+
+    K pixel frames encode to (K - 1) / 4 + 1 latent frames, so K follows the frame rule; at least one
+    latent frame must be left to generate, so K < ``num_frames`` (when given).
+    """
+    frames = check_frames(value, where)
+    if num_frames is not None and frames >= num_frames:
+        most = FRAME_RULE.nearest_valid_below(num_frames - 1) if num_frames > 1 else None
+        raise LongCatVideoError(
+            where=where,
+            value=frames,
+            rule=f"condition frames must be fewer than the {num_frames} frames of the video (some frames must be "
+            "generated)",
+            fix=(f"use at most {most} condition frames, or " if most else "use ") + f"more than {frames} frames",
         )
     return frames
 
@@ -201,11 +235,12 @@ CONFIG_OPTIONS = (
     ConfigOption(
         "longcat_compile_blocks",
         str,
-        "false",
-        "LongCat-Video: torch.compile each DiT block (true/false); fuses the float32 element-wise work, "
-        "measured 18.08 -> 13.94 s per 480x832x93 LoRA step on an H100 (docs/memory.md); the first step "
-        "pays the compile time",
-        ("true", "false"),
+        "auto",
+        "LongCat-Video: torch.compile each DiT block (auto/true/false). auto compiles on CUDA with a bf16 base, "
+        "no block swap and no context parallelism (the measured setting: 10.88 -> 7.54 s per 480x832x93 LoRA "
+        "step with block-sparse attention on an H200, docs/memory.md); the first step pays the compile "
+        "(about 30 s there), logged",
+        ("auto", "true", "false"),
         label="LongCat-Video Compile DiT Blocks",
         tab="model",
     ),
@@ -219,6 +254,16 @@ CONFIG_OPTIONS = (
         "or none with quantisation, block swap, the unsloth offload or xFormers (docs/memory.md: which for your GPU)",
         CHECKPOINT_SAVES,
         label="LongCat-Video Checkpoint Saves",
+        tab="model",
+    ),
+    ConfigOption(
+        CONDITION_FRAMES_KEY,
+        int,
+        None,
+        "LongCat-Video video continuation for every video dataset without start frames: the clip's own first K "
+        "frames (K = 1, 5, 9, 13, ...; upstream uses 13) are the condition, clean and outside the loss; a video "
+        "dataset's own longcat_condition_frames wins (0 turns it off there); unset = no continuation",
+        label="LongCat-Video Continuation Condition Frames",
         tab="model",
     ),
     ConfigOption(

@@ -69,6 +69,20 @@ def _reversed_timesteps(family: ModuleType, setattr_: Setter) -> None:
     _wrap_condition(family, setattr_, after)
 
 
+def _noised_continuation_frames(family: ModuleType, setattr_: Setter) -> None:
+    # A continuation batch keeps the host's noise on the clip's first latent frames: the condition
+    # the DiT sees is noised, as the later frames are.
+    original = family.apply_continuation_condition
+
+    def apply_continuation_condition(batch, num_cond_latents):
+        noisy = batch["noisy_latents"].clone()
+        batch = original(batch, num_cond_latents)
+        batch["noisy_latents"][:, :, :num_cond_latents] = noisy[:, :, :num_cond_latents]
+        return batch
+
+    setattr_(family, "apply_continuation_condition", apply_continuation_condition)
+
+
 def _condition_frame_in_loss(family: ModuleType, setattr_: Setter) -> None:
     # Prediction and target keep latent frame 0: the loss also scores the start frame.
     setattr_(family, "drop_condition_frames", lambda tensor, batch: tensor)
@@ -80,6 +94,7 @@ MUTATIONS: dict[str, Callable[[ModuleType, Setter], None]] = {
     "condition_timestep": _condition_timestep,
     "reversed_timesteps": _reversed_timesteps,
     "condition_frame_in_loss": _condition_frame_in_loss,
+    "noised_continuation_frames": _noised_continuation_frames,
 }
 
 

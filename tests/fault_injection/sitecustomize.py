@@ -9,13 +9,15 @@ unless its environment variable is set:
   (this machine has no CUDA for the Triton kernel) and the kernel call it makes is replaced:
   launches 1..N-1 return dense attention, as a working kernel at sparsity 0 would, and launch N
   raises the error a GPU driver gives for a bad launch.
-* ``LONGCAT_RECORD_DIR=<folder>`` (tests/test_i2v_training.py, tests/test_user_data.py): once
+* ``LONGCAT_RECORD_DIR=<folder>`` (tests/test_i2v_training.py, tests/test_user_data.py,
+  tests/test_continuation_training.py): once
   ``simpletuner_longcat_video.host.family`` has been imported, every pipeline call writes
-  ``<folder>/pipeline_call_<n>.pt`` (the start image it was given, the generator's state on entry,
-  the latents the DiT sees at its first step, the size, the autocast and VAE dtypes) and every
-  training batch, right after the family has put the start frame into it
-  (``prepare_batch_conditions``), writes ``<folder>/batch_<n>.pt`` (its files, latent frame 0 and
-  the number of condition frames). Only recorded, never changed.
+  ``<folder>/pipeline_call_<n>.pt`` (the start image or condition frames it was given, the
+  generator's state on entry, the latents the DiT sees at its first step, the size, the autocast
+  and VAE dtypes) and every training batch, right after the family has put the condition into it
+  (``prepare_batch_conditions``), writes ``<folder>/batch_<n>.pt`` (its files and dataset, its
+  clean and noisy latents, timesteps and the number of condition frames). Only recorded, never
+  changed.
 * ``LONGCAT_FAULT_PAUSE=<folder>:<when>,...`` with ``LONGCAT_FAULT_PAUSE_DIR`` (tests/test_faults.py):
   the family's LoRA save into ``<folder>`` (a ``checkpoint-N`` folder, or ``output`` for the
   final LoRA) stops and waits there, so that the test can interrupt the run at exactly that
@@ -86,9 +88,12 @@ def _record_calls(family) -> None:
 
         handle = self.transformer.register_forward_pre_hook(first_input, with_kwargs=True)
         image = kwargs.get("image")
+        video = kwargs.get("video")
         device = self._execution_device.type
         record = {
             "image": None if image is None else np.array(image.convert("RGB")),
+            "video": None if video is None else [np.array(frame.convert("RGB")) for frame in video],
+            "num_condition_frames": kwargs.get("num_condition_frames"),
             "generator_state": None if generator is None else generator.get_state(),
             "size": (kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames")),
             # The host runs validation under autocast (weight_dtype) with its own VAE dtype.
@@ -112,6 +117,13 @@ def _record_calls(family) -> None:
                 "files": [str(path) for path in files],
                 "frame0": batch["latents"][:, :, :1].detach().float().cpu().clone(),
                 "num_cond_latents": int(batch.get("num_cond_latents", 0) or 0),
+                "data_backend_id": batch.get("data_backend_id"),
+                "latents": batch["latents"].detach().float().cpu().clone(),
+                "noisy_latents": batch["noisy_latents"].detach().float().cpu().clone(),
+                "timesteps": batch["timesteps"].detach().float().cpu().clone(),
+                "frame_timesteps": None
+                if batch.get("frame_timesteps") is None
+                else batch["frame_timesteps"].detach().float().cpu().clone(),
             },
         )
         return batch

@@ -6,7 +6,10 @@ runs. This module owns three decisions:
 
 * the image-to-video split. The first ``num_cond_tokens`` tokens are the clean condition frames:
   their queries see only condition keys, while the noisy queries see every key. The split is done
-  here, once, so every backend only ever implements plain (optionally block-sparse) attention;
+  here, once, so every backend only ever implements plain (optionally block-sparse) attention.
+  Because the condition queries never see a noisy key, their keys and values are the same at every
+  denoising step: a sampler may compute them once (``AttentionContext.cached_condition``) and send
+  only the noisy queries, which makes exactly the noisy half's backend call;
 * which backend runs a call. Backends are :class:`Backend` records in a registry filled by
   :func:`register_backend`: the built-ins ``"sdpa"`` and ``"xformers"``, and lazily the
   ``simpletuner.attention_backends`` entry-point group, whose entries name a :class:`Backend`
@@ -128,12 +131,18 @@ class AttentionContext:
     frame-major, so the first ``num_cond_tokens`` tokens are whole condition frames. With context
     parallelism ``shard`` says which frames this rank holds: ``grid`` and ``num_cond_tokens`` still
     describe the whole sequence, the ``local_*`` properties this rank's part.
+
+    ``cached_condition`` marks a forward that holds the noisy tokens only: the condition frames'
+    keys and values come from a cache (computed once per video) and are prepended to the keys and
+    values, so queries are the ``T*H*W - num_cond_tokens`` noisy tokens and keys the whole
+    sequence. The ``local_*`` properties then describe the noisy tokens (no condition token is held).
     """
 
     grid: Grid
     num_cond_tokens: int = 0
     options: AttentionOptions = field(default_factory=AttentionOptions)
     shard: FrameShard | None = None
+    cached_condition: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -142,10 +151,14 @@ class AttentionContext:
 
     @property
     def local_frames(self) -> int:
+        if self.cached_condition:
+            return self.grid[0] - self.num_cond_tokens // (self.grid[1] * self.grid[2])
         return self.grid[0] if self.shard is None else self.shard.local_frames
 
     @property
     def local_cond_tokens(self) -> int:
+        if self.cached_condition:
+            return 0
         return self.num_cond_tokens if self.shard is None else self.shard.local_cond_tokens(self.num_cond_tokens)
 
 
@@ -406,6 +419,10 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contex
     """
     _check_qkv(q, k, v)
     shard = context.shard
+    if context.cached_condition:
+        if shard is not None:
+            raise ValueError("a condition KV cache and context parallelism cannot be combined")
+        return _dispatch_cached(q, k, v, context)
     if shard is None:
         return _dispatch_whole(q, k, v, context)
     local = shard.token_counts[shard.rank]
@@ -435,6 +452,22 @@ def _dispatch_whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: 
     out_cond = _run_backend(q[:, :, :n_cond], k[:, :, :n_cond], v[:, :, :n_cond], cond_grid, cond_grid, options)
     out_noisy = _run_backend(q[:, :, n_cond:], k, v, (t - t_cond, h, w), context.grid, options)
     return torch.cat([out_cond, out_noisy], dim=2)
+
+
+def _dispatch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+    # The noisy queries against [cached condition keys ; noisy keys]: the very call the noisy half
+    # of _dispatch_whole makes, so every backend (block-sparse included) sees the same grids.
+    t, h, w = context.grid
+    n_cond = context.num_cond_tokens
+    frame = h * w
+    if n_cond <= 0 or n_cond % frame or n_cond >= t * frame:
+        raise ValueError(f"num_cond_tokens = {n_cond}: a condition cache needs whole frames, fewer than {t}")
+    if q.shape[2] != t * frame - n_cond or k.shape[2] != t * frame:
+        raise ValueError(
+            f"cached-condition attention: {q.shape[2]} queries and {k.shape[2]} keys, expected the "
+            f"{t * frame - n_cond} noisy tokens against all {t * frame} of the grid {context.grid}"
+        )
+    return _run_backend(q, k, v, (t - n_cond // frame, h, w), context.grid, context.options)
 
 
 def dispatch_cross_attention(

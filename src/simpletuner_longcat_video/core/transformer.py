@@ -10,9 +10,12 @@ the timestep embedding, the adaLN modulation, the norms and the output projectio
 the forward returns float32.
 
 Token layout: latents ``[B, C, T, H, W]`` are patchified with (1, 2, 2) into ``T*(H/2)*(W/2)``
-tokens, frame-major. For image-to-video the first ``num_cond_latents`` latent frames are clean
-condition frames: in self-attention they see only themselves, and they skip cross-attention.
-All attention goes through :mod:`simpletuner_longcat_video.core.attention`.
+tokens, frame-major. For image-to-video and continuation the first ``num_cond_latents`` latent
+frames are clean condition frames: in self-attention they see only themselves, and they skip
+cross-attention. Their keys and values are therefore the same at every sampling step;
+:meth:`LongCatVideoTransformer3DModel.condition_cache` computes them once and ``forward(...,
+condition_cache=)`` then runs the blocks on the noisy frames only. All attention goes through
+:mod:`simpletuner_longcat_video.core.attention`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import json
 import logging
 import math
 import os
+import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -259,6 +264,23 @@ def apply_rotary_3d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return rotated.flatten(-2).to(x.dtype)
 
 
+# The timestep of clean condition frames (upstream's I2V and continuation samplers pass 0).
+CONDITION_TIMESTEP = 0.0
+
+
+def rotary_rows(
+    tables: tuple[torch.Tensor, torch.Tensor], first_frame: int, frames: int, frame_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of whole-sequence rotary tables for latent frames ``first_frame .. first_frame + frames - 1``.
+
+    A condition cache and the forward that uses it split one sequence in two; each half keeps the
+    positions it has in the whole sequence (condition frames from 0, noisy frames after them).
+    """
+    cos, sin = tables
+    rows = slice(first_frame * frame_tokens, (first_frame + frames) * frame_tokens)
+    return cos[rows], sin[rows]
+
+
 class LongCatSelfAttention(nn.Module):
     """Video self-attention: fused QKV, per-head RMSNorm on q/k, 3D RoPE, the attention seam."""
 
@@ -279,14 +301,34 @@ class LongCatSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: AttentionContext
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: AttentionContext,
+        cond_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Self-attention of ``x``; with ``cond_kv`` (cached condition keys and values, ``[B, heads,
+        Nc, D]``) the tokens of ``x`` are the noisy ones and attend to ``[cond_kv ; their own]``."""
+        out, _ = self.attend(x, rope, context, cond_kv)
+        return out
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: AttentionContext,
+        cond_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The attention output and the keys/values of ``x`` (after q/k norm and RoPE)."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = apply_rotary_3d(self.q_norm(q), *rope)
         k = apply_rotary_3d(self.k_norm(k), *rope)
-        out = dispatch_attention(q, k, v, context)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        keys, values = k, v
+        if cond_kv is not None:
+            keys, values = torch.cat([cond_kv[0], k], dim=2), torch.cat([cond_kv[1], v], dim=2)
+        out = dispatch_attention(q, keys, values, context)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c)), (k, v)
 
 
 class LongCatCrossAttention(nn.Module):
@@ -327,6 +369,17 @@ class LongCatSwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _frame_modulation(adaln: nn.Module, temb: torch.Tensor, frames: int) -> torch.Tensor:
+    """adaLN parameters ``[B, frames, 1, k*C]`` of the tokens' frames, from ``temb`` ``[B, T', Ct]``.
+
+    A forward with a condition cache hands every frame's embedding (``T' > frames``; its tokens are
+    the last frames): the float32 matmul then has the uncached forward's shape, and so its rounding
+    (row by row the same numbers, where a shorter matmul may round differently).
+    """
+    mod = adaln(temb)
+    return mod[:, mod.shape[1] - frames :].unsqueeze(2)
+
+
 def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
     # x [B, N, C] viewed per frame against shift/scale [B, T, 1, C]; float32 math, model-dtype result.
     b, n, c = x.shape
@@ -365,23 +418,53 @@ class LongCatVideoTransformerBlock(nn.Module):
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
         context: AttentionContext,
+        cond_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """One block. With ``cond_kv`` (``context.cached_condition``) ``hidden_states`` holds the noisy
+        tokens only and the condition frames' keys and values come from a :class:`ConditionCache`."""
+        return self._run(
+            hidden_states, encoder_hidden_states, encoder_mask, temb, (rope_cos, rope_sin), context, cond_kv
+        )[0]
+
+    def forward_condition(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        context: AttentionContext,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The block on condition tokens alone (no text): their new states and their keys/values."""
+        return self._run(hidden_states, None, None, temb, (rope_cos, rope_sin), context, None)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: AttentionContext,
+        cond_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         frames = context.local_frames
-        mod = self.adaLN_modulation(temb).unsqueeze(2)  # [B, T, 1, 6C], float32
+        mod = _frame_modulation(self.adaLN_modulation, temb, frames)  # [B, T, 1, 6C], float32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
 
-        x = hidden_states
         attn_in = _modulate(self.mod_norm_attn, x, shift_msa, scale_msa, frames)
-        x = _gated_add(x, self.attn(attn_in, (rope_cos, rope_sin), context), gate_msa, frames)
+        attn_out, kv = self.attn.attend(attn_in, rope, context, cond_kv)
+        x = _gated_add(x, attn_out, gate_msa, frames)
 
-        # Condition tokens get no text: their output must not depend on the prompt.
-        n_cond = context.local_cond_tokens
-        noisy = x[:, n_cond:] if n_cond else x
-        noisy = noisy + self.cross_attn(self.pre_crs_attn_norm(noisy), encoder_hidden_states, encoder_mask)
-        x = torch.cat([x[:, :n_cond], noisy], dim=1) if n_cond else noisy
+        # Condition tokens get no text: their output must not depend on the prompt. (text is None
+        # when the block runs on condition tokens alone, to fill a ConditionCache.)
+        if text is not None:
+            n_cond = context.local_cond_tokens
+            noisy = x[:, n_cond:] if n_cond else x
+            noisy = noisy + self.cross_attn(self.pre_crs_attn_norm(noisy), text, text_mask)
+            x = torch.cat([x[:, :n_cond], noisy], dim=1) if n_cond else noisy
 
         ffn_in = _modulate(self.mod_norm_ffn, x, shift_mlp, scale_mlp, frames)
-        return _gated_add(x, self.ffn(ffn_in), gate_mlp, frames)
+        return _gated_add(x, self.ffn(ffn_in), gate_mlp, frames), kv
 
 
 class LongCatVideoFinalLayer(nn.Module):
@@ -394,8 +477,64 @@ class LongCatVideoFinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(adaln_tembed_dim, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(temb).unsqueeze(2).chunk(2, dim=-1)
+        shift, scale = _frame_modulation(self.adaLN_modulation, temb, frames).chunk(2, dim=-1)
         return self.linear(_modulate(self.norm_final, x, shift, scale, frames))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionCache:
+    """The condition frames' keys and values in every block (:meth:`LongCatVideoTransformer3DModel.condition_cache`).
+
+    ``keys[i]`` / ``values[i]``: block ``i``'s ``[B, heads, Nc, head_dim]`` after q/k norm and RoPE,
+    in the model dtype (``Nc`` = condition frames x tokens per frame). ``output``: the model's float32
+    prediction ``[B, C_out, K, H, W]`` for the condition frames, which the cached forward puts in
+    front of its noisy frames. ``B`` counts videos; a forward batch of ``r * B`` (CFG: ``r = 2``)
+    uses each entry ``r`` times.
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+    num_cond_latents: int
+    total_frames: int
+    latent_size: tuple[int, int]
+
+    @property
+    def batch(self) -> int:
+        return self.output.shape[0]
+
+    def check(self, batch: int, latent_shape: tuple[int, int, int], num_cond_latents: int, depth: int) -> int:
+        """How many times each cached entry serves a forward of ``batch`` over ``latent_shape`` (T, H, W)."""
+        expected = (self.total_frames, *self.latent_size)
+        problems = []
+        if num_cond_latents != self.num_cond_latents:
+            problems.append(f"num_cond_latents {num_cond_latents} (the cache holds {self.num_cond_latents})")
+        if tuple(latent_shape) != expected:
+            problems.append(f"latent T x H x W {tuple(latent_shape)} (the cache serves {expected})")
+        if batch % self.batch:
+            problems.append(f"batch {batch} (not a multiple of the cache's {self.batch} videos)")
+        if len(self.keys) != depth:
+            problems.append(f"{depth} blocks (the cache holds {len(self.keys)})")
+        if problems:
+            raise LongCatVideoError(
+                where="forward(condition_cache=...)",
+                value="; ".join(problems),
+                rule="a condition cache serves only the sequences it was computed for: the same condition frame "
+                "count, latent frames and size, a whole multiple of its batch, and the model that made it",
+                fix="compute the cache with condition_cache(cond_latents, total_frames=T) for these latents, "
+                "on this model",
+            )
+        return batch // self.batch
+
+    def block_kv(self, index: int, repeat: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index``'s cached keys and values on ``device``, each entry repeated ``repeat`` times."""
+        k, v = self.keys[index].to(device), self.values[index].to(device)
+        if repeat > 1 and k.shape[0] == 1:
+            # A view: the attention's concatenation with the noisy keys makes the one copy.
+            return k.expand(repeat, -1, -1, -1), v.expand(repeat, -1, -1, -1)
+        if repeat > 1:
+            k, v = k.repeat(repeat, 1, 1, 1), v.repeat(repeat, 1, 1, 1)
+        return k, v
 
 
 def check_blocks_to_swap(value: object, depth: int, where: str = "musubi_blocks_to_swap") -> int:
@@ -558,6 +697,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._compiled_checkpoints: dict[tuple[int, ...], CompiledCheckpoint] = {}
         self._musubi_block_swap = None  # the host's MusubiBlockSwapManager, found by this name
         self._cp_group = None  # torch.distributed group sharing one sample's frames
+        self._compile_timing_pending: set[bool] = set()  # grad modes whose first compiled call is not timed yet
         self.attention_options = AttentionOptions()
 
     # Two parts of a memory option come from the trainer that runs the model, so the model imports
@@ -666,8 +806,14 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # Settle the backend registry (entry points, availability probes) eagerly, so the traced
         # blocks see plain lookups rather than locks and kernel probes.
         registered_backends()
+        # Static graphs: a run sees a few shapes (its buckets, the CFG batch of validation, the
+        # cached-condition call), and with automatic dynamic shapes the later ones compiled
+        # symbolic graphs, slower on the H200 and failing in Inductor on CPU (see sampling_step.py).
+        options.setdefault("dynamic", False)
         for block in self.blocks:
             block.compile(**options)
+        # Training and sampling compile separate graphs (grad mode is a guard): time the first of each.
+        self._compile_timing_pending = {True, False}
         # Selective checkpointing needs the checkpoint inside the compiled region (see
         # core/selective_checkpoint.py); those regions compile lazily, with the same options.
         self._compile_options = dict(options)
@@ -688,6 +834,11 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 fix="use 2, 4 or 8 ranks per sample (the official model has 32 heads)",
             )
         self._cp_group = group
+
+    @property
+    def context_parallel_enabled(self) -> bool:
+        """Whether a process group splits each sample's frames (:meth:`enable_context_parallel`)."""
+        return self._cp_group is not None
 
     def enable_parallelism(self, *, config: Any, cp_plan: dict | None = None) -> None:
         """SimpleTuner's context-parallel entry point: take the group from its device mesh.
@@ -887,6 +1038,7 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         num_cond_latents: int = 0,
         return_dict: bool = True,
+        condition_cache: ConditionCache | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict the flow for ``hidden_states``; returns float32 ``[B, out_channels, T, H, W]``.
 
@@ -898,17 +1050,13 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             encoder_attention_mask: ``[B, L]`` or ``[B, 1, 1, L]``, nonzero where a token is real.
             num_cond_latents: leading latent frames that are clean condition (0 = text-to-video).
             return_dict: return a ``Transformer2DModelOutput`` instead of a 1-tuple.
+            condition_cache: the condition frames' keys and values from :meth:`condition_cache`
+                (``num_cond_latents`` must match it). The blocks then run on the noisy frames only;
+                the first ``num_cond_latents`` frames of ``hidden_states`` and ``timestep`` are not
+                read, and the output's condition frames are the cache's own prediction for them
+                (what the uncached forward computes there, within rounding).
         """
-        batch, _, frames, height, width = hidden_states.shape
-        pt, ph, pw = self.patch_size
-        if height % ph or width % pw:
-            raise LongCatVideoError(
-                where="latent height x width",
-                value=(height, width),
-                rule=f"must be divisible by the patch size {ph}x{pw}",
-                fix="use frame sizes that are multiples of 16 pixels",
-            )
-        grid = (frames // pt, height // ph, width // pw)
+        batch, grid = self._token_grid(hidden_states)
         if not 0 <= num_cond_latents < grid[0]:
             raise LongCatVideoError(
                 where="num_cond_latents",
@@ -916,33 +1064,21 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 rule=f"must be at least 0 and below the {grid[0]} latent frames (some frames must be noisy)",
                 fix="use 0 for text-to-video and 1 for image-to-video",
             )
+        if condition_cache is not None:
+            return self._forward_cached(
+                hidden_states,
+                timestep,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                num_cond_latents,
+                return_dict,
+                condition_cache,
+            )
         device = hidden_states.device
         dtype = self._compute_dtype()
 
-        # Upstream hands the timestep to the model in the model dtype; rounding it the same way
-        # (bf16 has 8 mantissa bits) keeps the embedding identical to the trained model's.
-        timestep = self._frame_timesteps(timestep, batch, grid[0], device).to(dtype)
-        temb = self.t_embedder(timestep.flatten()).view(batch, grid[0], -1)
-
-        text = encoder_hidden_states
-        if text.ndim == 4:
-            if text.shape[1] != 1:
-                raise LongCatVideoError(
-                    where="encoder_hidden_states shape",
-                    value=tuple(text.shape),
-                    rule="expected [B, 1, L, C] or [B, L, C]",
-                    fix="drop the extra axis",
-                )
-            text = text[:, 0]
-        text = text.to(dtype)
-        text_mask = self._text_mask(encoder_attention_mask, batch, text.shape[1])
-        if text_mask is not None and self.config.text_tokens_zero_pad:
-            y = self.y_embedder(text) * text_mask[..., None].to(dtype)
-            text_mask = None
-        else:
-            if text_mask is not None:
-                text, text_mask = self._drop_padding(text, text_mask)
-            y = self.y_embedder(text)
+        temb = self._embed_timesteps(timestep, batch, grid[0], device, dtype)
+        y, text_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, batch, dtype)
 
         x = self.x_embedder(hidden_states.to(dtype))
         rope_cos, rope_sin = self.rope(grid, device)
@@ -961,35 +1097,17 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         grad = torch.is_grad_enabled()
         checkpointing = grad and self.gradient_checkpointing
-        swap = self._musubi_block_swap
-        swapping = swap is not None and swap.activate(self.blocks, device, grad)
-        if swapping:
-            self._place_swapped_trainables(device)
+        timed = grad in self._compile_timing_pending and not torch.compiler.is_compiling()
+        started = time.perf_counter() if timed else 0.0
         rest = (y, text_mask, temb, rope_cos, rope_sin, context)
-        plan = self.checkpoint_plan() if checkpointing else [(range(len(self.blocks)), False)]
-        if swapping and any(len(run) > 1 for run, checkpointed in plan if checkpointed):
-            raise LongCatVideoError(
-                where="gradient_checkpointing_interval",
-                value=f"{self._checkpoint_interval} with musubi_blocks_to_swap",
-                rule="block swap streams one block at a time, and a checkpoint of several blocks recomputes them together",
-                fix="leave gradient_checkpointing_interval unset with block swap",
-            )
-        for run, checkpointed in plan:
-            if checkpointed and not swapping:
+        for run, checkpointed in self._block_runs(device, checkpointing):
+            if checkpointed:
                 x = self._run_checkpointed(run, x, *rest)
-                continue
-            for index in run:
-                block = self.blocks[index]
-                streamed = swapping and swap.is_managed_block(index)
-                if streamed:
-                    swap.stream_in(block, device, checkpointed=checkpointed)
-                if checkpointed:
-                    x = self._run_checkpointed(range(index, index + 1), x, *rest)
-                else:
-                    x = block(x, *rest)
-                if streamed:
-                    swap.stream_out(block)
+            else:
+                x = run_blocks([self.blocks[i] for i in run], x, *rest)
 
+        if timed:
+            self._log_first_compiled_call(grad, device, started)
         x = self.final_layer(x, temb, context.local_frames)
         if shard is not None:
             x = shard.gather(x)
@@ -997,6 +1115,223 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+    def _log_first_compiled_call(self, grad: bool, device: torch.device, started: float) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self._compile_timing_pending.discard(grad)
+        logger.info(
+            "LongCat-Video compiled blocks: the first %s forward took %.1f s, compiling included%s",
+            "training" if grad else "sampling",
+            time.perf_counter() - started,
+            " (the backward compiles at its first call)" if grad else "",
+        )
+
+    def condition_cache(
+        self, cond_latents: torch.Tensor, *, num_cond_latents: int | None = None, total_frames: int
+    ) -> ConditionCache:
+        """The condition frames' keys and values in every block, computed once for a whole sampling.
+
+        The leading condition frames are clean (timestep 0), attend only to themselves and skip
+        cross-attention, so their states in every block, and with them their keys and values
+        (after q/k norm and RoPE at their positions in the whole sequence), are the same at every
+        denoising step and in both CFG branches. Pass the result to :meth:`forward` as
+        ``condition_cache``: the blocks then run on the noisy tokens only.
+
+        Args:
+            cond_latents: normalised latents ``[B, C, Tc, H, W]``, one entry per video (not per CFG
+                branch: the cache is repeated to the forward's batch, which must be a multiple of B
+                laid out as whole copies, e.g. ``[negative; positive]``).
+            num_cond_latents: how many leading frames of ``cond_latents`` are the condition
+                (default: all ``Tc``).
+            total_frames: the latent frame count of the sequences the cache will serve (condition
+                plus noisy frames); the forward refuses other lengths.
+
+        Runs the blocks once at batch B (block swap streams them as in a forward; compiled blocks
+        run this pass eagerly). Memory: two ``[B, heads, Nc, head_dim]`` tensors per block in the
+        model dtype, about 1.14 GiB for one 832x480 condition frame and 4.57 GiB for 4 (13 pixel
+        frames) on the full model in bf16.
+        """
+        self._refuse_cache_with_context_parallel()
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None:
+            # Not a forward, so run the model's pre-forward hook as one would: diffusers' model CPU
+            # offload (pipe.enable_model_cpu_offload) moves the DiT onto the GPU there.
+            hook.pre_forward(self)
+        batch, (frames, height, width) = self._token_grid(cond_latents)
+        count = frames if num_cond_latents is None else num_cond_latents
+        if not 1 <= count <= frames or not count < total_frames:
+            raise LongCatVideoError(
+                where="condition_cache: num_cond_latents / total_frames",
+                value=f"{count} of {frames} given latent frames, total_frames={total_frames}",
+                rule="a condition cache holds 1 or more of the given latent frames, fewer than total_frames "
+                "(some frames must be noisy)",
+                fix="pass the condition latents [B, C, K, H, W] and the whole sequence's latent frame count",
+            )
+        device = cond_latents.device
+        dtype = self._compute_dtype()
+        frame_tokens = height * width
+        x = self.x_embedder(cond_latents[:, :, :count].to(dtype))
+        temb = self._embed_timesteps(torch.full((batch, count), CONDITION_TIMESTEP), batch, count, device, dtype)
+        whole = (total_frames, height, width)
+        rope_cos, rope_sin = rotary_rows(self.rope(whole, device), 0, count, frame_tokens)
+        # The condition frames alone: the backend call the uncached forward makes for their queries.
+        context = AttentionContext(
+            grid=(count, height, width), num_cond_tokens=count * frame_tokens, options=self.attention_options
+        )
+        keys, values = [], []
+        for block in self._streamed_blocks(device, False):
+            x, (k, v) = block.forward_condition(x, temb, rope_cos, rope_sin, context)
+            keys.append(k)
+            values.append(v)
+        output = self._unpatchify(self.final_layer(x, temb, count), (count, height, width)).float()
+        return ConditionCache(
+            keys=tuple(keys),
+            values=tuple(values),
+            output=output,
+            num_cond_latents=count,
+            total_frames=total_frames,
+            latent_size=tuple(cond_latents.shape[3:]),
+        )
+
+    def _forward_cached(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        num_cond_latents: int,
+        return_dict: bool,
+        cache: ConditionCache,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        self._refuse_cache_with_context_parallel()
+        batch, grid = self._token_grid(hidden_states)
+        repeat = cache.check(batch, tuple(hidden_states.shape[2:]), num_cond_latents, len(self.blocks))
+        device = hidden_states.device
+        dtype = self._compute_dtype()
+        count = cache.num_cond_latents
+        noisy_frames = grid[0] - count
+        frame_tokens = grid[1] * grid[2]
+
+        # Every frame's embedding: the blocks keep the noisy frames' modulation (_frame_modulation).
+        temb = self._embed_timesteps(timestep, batch, grid[0], device, dtype)
+        y, text_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, batch, dtype)
+        # The patch embedding is per frame, so the noisy frames embed alone as they would in the
+        # whole sequence; their rotary rows are those of their positions after the condition.
+        x = self.x_embedder(hidden_states[:, :, count:].to(dtype))
+        rope_cos, rope_sin = rotary_rows(self.rope(grid, device), count, noisy_frames, frame_tokens)
+        context = AttentionContext(
+            grid=grid,
+            num_cond_tokens=count * frame_tokens,
+            options=self.attention_options,
+            cached_condition=True,
+        )
+        grad = torch.is_grad_enabled()
+        checkpointing = grad and self.gradient_checkpointing
+        timed = grad in self._compile_timing_pending and not torch.compiler.is_compiling()
+        started = time.perf_counter() if timed else 0.0
+        for index, block in enumerate(self._streamed_blocks(device, checkpointing)):
+            kv = cache.block_kv(index, repeat, device)
+            if checkpointing:
+                x = self._run_checkpointed(
+                    range(index, index + 1), x, y, text_mask, temb, rope_cos, rope_sin, context, kv
+                )
+            else:
+                x = block(x, y, text_mask, temb, rope_cos, rope_sin, context, kv)
+        if timed:
+            self._log_first_compiled_call(grad, device, started)
+
+        x = self.final_layer(x, temb, noisy_frames)
+        noisy = self._unpatchify(x, (noisy_frames, grid[1], grid[2])).float()
+        out = torch.cat([cache.output.to(device).repeat(repeat, 1, 1, 1, 1), noisy], dim=2)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    def _refuse_cache_with_context_parallel(self) -> None:
+        if self._cp_group is not None:
+            raise LongCatVideoError(
+                where="condition KV cache",
+                value="context parallelism on (enable_context_parallel / context_parallel_size)",
+                rule="the condition KV cache and context parallelism cannot be combined (the cache holds whole "
+                "condition frames, context parallelism splits frames between ranks)",
+                fix="sample with use_kv_cache=False under context parallelism, or turn context parallelism off "
+                "(enable_context_parallel(None)) to use the cache",
+            )
+
+    def _block_runs(self, device: torch.device, checkpointing: bool) -> Iterator[tuple[range, bool]]:
+        """The blocks as runs to call, ``(indices, checkpointed)`` (see :meth:`checkpoint_plan`); with block
+        swap, one block per run, each swapped block streamed onto ``device`` around its run."""
+        plan = self.checkpoint_plan() if checkpointing else [(range(len(self.blocks)), False)]
+        if self._musubi_block_swap is None:
+            yield from plan
+            return
+        if checkpointing and (self._checkpoint_interval or self._checkpoint_stride):
+            raise LongCatVideoError(
+                where="gradient_checkpointing_interval",
+                value=f"{self._checkpoint_interval} with musubi_blocks_to_swap",
+                rule="block swap streams one block at a time, and a checkpoint of several blocks recomputes them together",
+                fix="leave gradient_checkpointing_interval unset with block swap",
+            )
+        for index, _ in enumerate(self._streamed_blocks(device, checkpointing)):
+            yield range(index, index + 1), checkpointing
+
+    def _streamed_blocks(self, device: torch.device, checkpointing: bool) -> Iterator[nn.Module]:
+        """The blocks in order, each swapped block streamed onto ``device`` around its use."""
+        swap = self._musubi_block_swap
+        swapping = swap is not None and swap.activate(self.blocks, device, torch.is_grad_enabled())
+        if swapping:
+            self._place_swapped_trainables(device)
+        for index, block in enumerate(self.blocks):
+            streamed = swapping and swap.is_managed_block(index)
+            if streamed:
+                swap.stream_in(block, device, checkpointed=checkpointing)
+            yield block
+            if streamed:
+                swap.stream_out(block)
+
+    def _embed_timesteps(
+        self, timestep: torch.Tensor, batch: int, frames: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Per-frame timestep embeddings ``[B, frames, Ct]``."""
+        # Upstream hands the timestep to the model in the model dtype; rounding it the same way
+        # (bf16 has 8 mantissa bits) keeps the embedding identical to the trained model's.
+        t = self._frame_timesteps(timestep, batch, frames, device).to(dtype)
+        return self.t_embedder(t.flatten()).view(batch, frames, -1)
+
+    def _token_grid(self, hidden_states: torch.Tensor) -> tuple[int, tuple[int, int, int]]:
+        batch, _, frames, height, width = hidden_states.shape
+        pt, ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise LongCatVideoError(
+                where="latent height x width",
+                value=(height, width),
+                rule=f"must be divisible by the patch size {ph}x{pw}",
+                fix="use frame sizes that are multiples of 16 pixels",
+            )
+        return batch, (frames // pt, height // ph, width // pw)
+
+    def _embed_text(
+        self, states: torch.Tensor, mask: torch.Tensor | None, batch: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected text states and the mask cross-attention needs (``None``: every token counts)."""
+        text = states
+        if text.ndim == 4:
+            if text.shape[1] != 1:
+                raise LongCatVideoError(
+                    where="encoder_hidden_states shape",
+                    value=tuple(text.shape),
+                    rule="expected [B, 1, L, C] or [B, L, C]",
+                    fix="drop the extra axis",
+                )
+            text = text[:, 0]
+        text = text.to(dtype)
+        text_mask = self._text_mask(mask, batch, text.shape[1])
+        if text_mask is not None and self.config.text_tokens_zero_pad:
+            return self.y_embedder(text) * text_mask[..., None].to(dtype), None
+        if text_mask is not None:
+            text, text_mask = self._drop_padding(text, text_mask)
+        return self.y_embedder(text), text_mask
 
     @staticmethod
     def _drop_padding(text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1019,7 +1354,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
 
 __all__ = [
+    "CONDITION_TIMESTEP",
     "LORA_TARGET_MODULES",
+    "ConditionCache",
     "FP32LayerNorm",
     "FP32Linear",
     "LongCatCaptionProjection",
@@ -1035,6 +1372,7 @@ __all__ = [
     "LongCatVideoTransformerBlock",
     "apply_rotary_3d",
     "check_blocks_to_swap",
+    "rotary_rows",
 ]
 
 

@@ -19,6 +19,13 @@ Rules (from the quickstart, decided here once):
   is refused; the seed's ``"is_i2v": true`` beside ``dataset_type`` means ``video.is_i2v``.
 * What the host would silently drop or mis-train (undecodable, empty or too-short clips, empty or
   missing captions, images in a video dataset) is refused by ``dataset_files``.
+* A video dataset with ``longcat_condition_frames: K`` (beside ``dataset_type``, the place the
+  host's WebUI keeps an unknown dataset key, or in its ``video`` block, the place the host's
+  trainer keeps one) trains video continuation from its clips' own first K frames; the config's
+  ``longcat_condition_frames`` gives every video dataset without start frames and without a
+  value of its own that K. K must be 4k + 1, below every clip's frame count, on a video dataset
+  without start frames (:func:`check_continuation_datasets`); an eval split continues from the
+  K its training datasets use.
 
 Two passes: :func:`prepare_datasets` runs on the data backend config as soon as SimpleTuner has
 read it, before it configures, embeds or encodes anything, and checks every rule the files show;
@@ -415,7 +422,9 @@ def _rounding(config: object) -> int:
     return 2 if value is None or value < 0 else value
 
 
-def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dict[str, dataset_files.LeftOut]:
+def prepare_datasets(
+    config: object, datasets: list, *, log: bool = True, condition_frames: int = 0
+) -> dict[str, dataset_files.LeftOut]:
     """Read the data backend config as the family means it, and check every rule its files show.
 
     Runs when SimpleTuner 4.10.1 has read ``multidatabackend.json`` and before it configures,
@@ -430,7 +439,10 @@ def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dic
     * a start-frame dataset takes its clips' resolution settings (the host copies them only after
       both datasets are cached, too late for the start frames' latents);
     * start frames that are not ``<clip name>.png`` are read from PNG copies in a folder under
-      ``cache_dir`` (``dataset_files.mirror_as_png``); the user's folder is left alone.
+      ``cache_dir`` (``dataset_files.mirror_as_png``); the user's folder is left alone;
+    * each continuation dataset's K (its own, or ``condition_frames``, the config's
+      ``longcat_condition_frames``) is written into its ``video`` block, where the family reads it
+      for each batch (:func:`dataset_condition_frames`); other datasets hold none.
 
     Every problem found is named in one error. Returns each local video dataset's scan (its clips'
     frame counts, sizes and frame rates) for the log once the host has bucketed them.
@@ -442,6 +454,12 @@ def prepare_datasets(config: object, datasets: list, *, log: bool = True) -> dic
     problems: list[LongCatVideoError] = []
     notes: list[str] = []
     _normalise(source, active, by_id, problems, notes)
+    plan = _continuation_plan(config, active, condition_frames, problems, notes)
+    for settings in active:
+        if isinstance(settings.get("video"), dict):
+            settings["video"].pop(spec.CONDITION_FRAMES_KEY, None)
+            if settings.get("id") in plan:
+                settings["video"][spec.CONDITION_FRAMES_KEY] = plan[settings["id"]]
     scans: dict[str, dataset_files.LeftOut] = {}
     conversions: dict[str, dict[str, str]] = {}
     for settings in active:
@@ -496,6 +514,12 @@ def _normalise(
             notes.append(
                 f"dataset {settings.get('id')!r}: is_i2v beside dataset_type read as video.is_i2v = {json.dumps(top)}"
             )
+        if spec.CONDITION_FRAMES_KEY in settings:
+            # Beside dataset_type is where the WebUI keeps it; the host's trainer keeps it only in video.
+            value = settings.pop(spec.CONDITION_FRAMES_KEY)
+            video.setdefault(spec.CONDITION_FRAMES_KEY, value)
+            if spec.whole_number(video[spec.CONDITION_FRAMES_KEY]) != spec.whole_number(value):
+                problems.append(_two_condition_frames(source, settings.get("id"), value, video))
         if video.get("num_frames") is None:
             video["num_frames"] = spec.DEFAULT_NUM_FRAMES
             notes.append(f"dataset {settings.get('id')!r}: video.num_frames not set, using LongCat-Video's 93")
@@ -663,6 +687,190 @@ def _check_aspects(
             fix="crop or pad each start frame to its clip's aspect ratio (or save the clip's own first frame, e.g. "
             "`ffmpeg -i clip.mp4 -frames:v 1 clip.png`)",
         )
+
+
+# --- video continuation -------------------------------------------------------------------------
+
+
+def read_data_backend_list(config: object) -> list | None:
+    """The dataset list of ``data_backend_config`` when it is a readable JSON file, else None (the host's to read)."""
+    path = getattr(config, "data_backend_config", None)
+    if not isinstance(path, str) or not path.lower().endswith(".json") or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, list) else None
+
+
+def check_continuation_datasets(config: object, datasets: list, condition_frames: int = 0) -> dict[str, int]:
+    """The continuation rules that need no file, on the dataset list as written; dataset id -> K.
+
+    ``simpletuner train`` runs them before it launches anything (``settings.check_config_before_launch``),
+    :func:`prepare_datasets` again in the trainer; every problem is named in one error.
+    """
+    source = getattr(config, "data_backend_config", None) or "the data backend config"
+    problems: list[LongCatVideoError] = []
+    plan = _continuation_plan(config, _active(datasets), condition_frames, problems, [])
+    _raise_all(source, problems)
+    return plan
+
+
+def condition_frames_value(value: object, where: str) -> int:
+    """A ``longcat_condition_frames`` value: 0 (no continuation) or K pixel frames with (K - 1) % 4 == 0."""
+    frames = spec.whole_number(value)
+    if frames is None or frames < 0:
+        raise LongCatVideoError(
+            where=where,
+            value=value,
+            rule="the continuation condition is a whole number of pixel frames (0 turns continuation off)",
+            fix="use e.g. 13 (upstream's video continuation), 1, 5 or 9",
+        )
+    # K frames encode to (K - 1) / 4 + 1 latent frames: the clip frame rule, with its message.
+    return spec.check_frames(frames, where) if frames else 0
+
+
+def dataset_condition_frames(backend_config: dict | None) -> int:
+    """A configured dataset's continuation K (0: not a continuation dataset), as prepare_datasets wrote it."""
+    video = (backend_config or {}).get("video")
+    return int(spec.whole_number(video.get(spec.CONDITION_FRAMES_KEY)) or 0) if isinstance(video, dict) else 0
+
+
+def _own_condition_frames(settings: dict) -> tuple[object, str] | None:
+    """The dataset's own longcat_condition_frames (raw) and how it is written, or None."""
+    video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
+    if spec.CONDITION_FRAMES_KEY in video:
+        return video[spec.CONDITION_FRAMES_KEY], f"video.{spec.CONDITION_FRAMES_KEY}"
+    if spec.CONDITION_FRAMES_KEY in settings:
+        return settings[spec.CONDITION_FRAMES_KEY], spec.CONDITION_FRAMES_KEY
+    return None
+
+
+def _two_condition_frames(source: str, dataset_id: object, top: object, video: dict) -> LongCatVideoError:
+    return LongCatVideoError(
+        where=f"{source}: dataset {dataset_id!r} {spec.CONDITION_FRAMES_KEY}",
+        value=f"{top!r} beside dataset_type, {video[spec.CONDITION_FRAMES_KEY]!r} in video",
+        rule="the two longcat_condition_frames settings disagree",
+        fix=f'keep one: "{spec.CONDITION_FRAMES_KEY}": 13 beside dataset_type (the form the WebUI keeps)',
+    )
+
+
+def _continuation_plan(
+    config: object, active: list[dict], condition_frames: int, problems: list[LongCatVideoError], notes: list[str]
+) -> dict[str, int]:
+    """Dataset id -> K for every continuation dataset; a broken rule goes to ``problems``."""
+    source = getattr(config, "data_backend_config", None) or "the data backend config"
+    plan: dict[str, int] = {}
+    for settings in active:
+        dataset_id, dataset_type = settings.get("id"), settings.get("dataset_type")
+        own = _own_condition_frames(settings)
+        if own is None and not condition_frames:
+            continue
+        where = f"{source}: dataset {dataset_id!r} {own[1] if own else spec.CONDITION_FRAMES_KEY}"
+        video = settings.get("video") if isinstance(settings.get("video"), dict) else {}
+        if own is not None:
+            top = settings.get(spec.CONDITION_FRAMES_KEY, own[0])
+            if spec.whole_number(top) != spec.whole_number(own[0]):
+                problems.append(_two_condition_frames(source, dataset_id, top, video))
+                continue
+            try:
+                frames = condition_frames_value(own[0], where)
+            except LongCatVideoError as error:
+                problems.append(error)
+                continue
+        else:
+            frames = condition_frames
+        if not frames or (own is None and dataset_type != "video"):
+            continue  # the config's value marks video datasets only
+        start_frames = _marked_i2v(settings) or bool(_conditioning_ids(settings))
+        if dataset_type != "video" or start_frames:
+            if own is None:
+                notes.append(
+                    f"dataset {dataset_id!r} stays image-to-video: the config's {spec.CONDITION_FRAMES_KEY} marks "
+                    "video datasets without start frames"
+                )
+                continue
+            problems.append(_not_continuable(where, frames, dataset_type, start_frames))
+            continue
+        counts = [spec.whole_number(video.get(name)) for name in ("num_frames", "min_frames")]
+        counts = [count for count in counts if count] or [spec.DEFAULT_NUM_FRAMES]
+        if frames >= min(counts):
+            problems.append(
+                LongCatVideoError(
+                    where=where,
+                    value=f"{frames} with video.num_frames/min_frames {min(counts)}",
+                    rule="continuation needs frames after the condition frames to learn: K must be below every "
+                    "clip's frame count",
+                    fix=f"use clips longer than {frames} frames (e.g. num_frames {frames + 80}), or a smaller K",
+                )
+            )
+            continue
+        plan[dataset_id] = frames
+        notes.append(
+            f"dataset {dataset_id!r}: video continuation from each clip's first {frames} frames "
+            f"({spec.FRAME_RULE.latent_frames(frames)} latent frames clean, at timestep 0, outside the loss)"
+            + ("" if own else f" (the config's {spec.CONDITION_FRAMES_KEY})")
+        )
+    _check_eval_condition(config, source, plan, problems)
+    return plan
+
+
+def _not_continuable(where: str, frames: int, dataset_type: object, start_frames: bool) -> LongCatVideoError:
+    if dataset_type != "video":
+        return LongCatVideoError(
+            where=where,
+            value=f"{frames} on dataset_type {dataset_type!r}",
+            rule="continuation conditions on a clip's own first frames: only a video dataset has them",
+            fix=f'move {spec.CONDITION_FRAMES_KEY} to a "dataset_type": "video" dataset, or remove it here',
+        )
+    return LongCatVideoError(
+        where=where,
+        value=f"{frames} on a dataset with start frames (is_i2v / conditioning_data)",
+        rule="a dataset trains either image-to-video from its start frames or continuation from its clips' own "
+        "first frames, not both",
+        fix=f"remove {spec.CONDITION_FRAMES_KEY} to train image-to-video, or is_i2v and conditioning_data to train "
+        "continuation (a run may mix both kinds of dataset)",
+    )
+
+
+def _eval_ids(config: object) -> list[str]:
+    value = getattr(config, "eval_dataset_id", None)
+    if isinstance(value, str):
+        return [value] if value.strip() and value != "None" else []
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else []
+
+
+def _check_eval_condition(config: object, source: str, plan: dict[str, int], problems: list[LongCatVideoError]) -> None:
+    """An eval split continues from the K of training, and validation renders frames after it."""
+    evals = set(_eval_ids(config))
+    trained = sorted({frames for dataset_id, frames in plan.items() if dataset_id not in evals})
+    rendered = getattr(config, "validation_num_video_frames", None)
+    rendered = spec.whole_number(rendered) if rendered is not None else spec.DEFAULT_NUM_FRAMES
+    for dataset_id in sorted(evals & set(plan)):
+        frames = plan[dataset_id]
+        where = f"{source}: dataset {dataset_id!r} (eval_dataset_id) {spec.CONDITION_FRAMES_KEY}"
+        if trained and frames not in trained:
+            problems.append(
+                LongCatVideoError(
+                    where=where,
+                    value=f"{frames}, training datasets use {trained}",
+                    rule="validation continues the eval clips from as many frames as training continues clips from",
+                    fix=f"give the eval split the K of training ({trained[0]}), or set {spec.CONDITION_FRAMES_KEY} "
+                    "once in config.json",
+                )
+            )
+        if _truthy(getattr(config, "validation_using_datasets", False)) and rendered is not None and rendered <= frames:
+            problems.append(
+                LongCatVideoError(
+                    where=where,
+                    value=f"{frames} with validation_num_video_frames {rendered}",
+                    rule="continuation validation renders validation_num_video_frames frames, the first K of them the "
+                    "eval clip's: there must be frames after them",
+                    fix=f"set validation_num_video_frames above {frames} (e.g. {frames + 80})",
+                )
+            )
 
 
 # --- once SimpleTuner has bucketed the clips --------------------------------------------------

@@ -25,7 +25,11 @@ from torchvision import transforms
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from simpletuner_longcat_video import spec
-from simpletuner_longcat_video.core.conditioning import apply_i2v_condition, drop_condition_frames
+from simpletuner_longcat_video.core.conditioning import (
+    apply_continuation_condition,
+    apply_i2v_condition,
+    drop_condition_frames,
+)
 from simpletuner_longcat_video.core.pipeline import LongCatVideoPipeline, normalize_latents
 from simpletuner_longcat_video.core.text import encode_prompts
 from simpletuner_longcat_video.core.transformer import (
@@ -33,13 +37,14 @@ from simpletuner_longcat_video.core.transformer import (
     LongCatVideoTransformer3DModel,
 )
 from simpletuner_longcat_video.errors import LongCatVideoError
-from simpletuner_longcat_video.host import datasets, faults
+from simpletuner_longcat_video.host import continuation, datasets, faults
 from simpletuner_longcat_video.host.settings import (
     Settings,
     apply_flow_shift_default,
     check_checkpoint_weights,
     check_flavour,
     check_run_config,
+    compile_blocks_for,
     read_settings,
     warn_fsdp_inactive,
 )
@@ -164,7 +169,10 @@ class LongCatVideo(VideoModelFoundation):
         # before it configures, embeds or encodes anything: every rule the files show is checked
         # here, so a refusal costs seconds, not a built VAE cache.
         self._dataset_scans = datasets.prepare_datasets(
-            self.config, backend_configs, log=self.accelerator.is_main_process
+            self.config,
+            backend_configs,
+            log=self.accelerator.is_main_process,
+            condition_frames=self.settings.condition_frames,
         )
         return backend_configs
 
@@ -200,6 +208,11 @@ class LongCatVideo(VideoModelFoundation):
             mask = (batch.get("text_encoder_output") or {}).get("attention_masks")
         if mask is not None:
             batch["encoder_attention_mask"] = mask.to(self.accelerator.device)
+        # The host draws each batch from one dataset and names it: a continuation dataset's K was
+        # written into its video block by datasets.prepare_datasets.
+        frames = datasets.dataset_condition_frames(StateTracker.get_data_backend_config(batch.get("data_backend_id")))
+        if frames:
+            return apply_continuation_condition(batch, spec.FRAME_RULE.latent_frames(frames))
         return apply_i2v_condition(batch)
 
     def get_prediction_target(self, prepared_batch: dict):
@@ -213,7 +226,30 @@ class LongCatVideo(VideoModelFoundation):
         image = pipeline_kwargs.get("image")
         if isinstance(image, list):
             image = pipeline_kwargs["image"] = image[0] if image else None
-        if isinstance(image, Image.Image) and pipeline_kwargs.get("width") and pipeline_kwargs.get("height"):
+        self.__dict__["_continuation_call"] = None
+        clip = self._continuation_clip(image)
+        if clip is not None and pipeline_kwargs.get("width") and pipeline_kwargs.get("height"):
+            width, height = int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"])
+            frames = clip.frames_at(width, height, self)
+            # The pipeline VAE-encodes these frames as one clip into the condition latents; the host's
+            # start image (the clip's first frame) is not used.
+            del pipeline_kwargs["image"]
+            pipeline_kwargs["video"] = frames[: clip.condition_frames]
+            pipeline_kwargs["num_condition_frames"] = clip.condition_frames
+            shortname = image.info[VALIDATION_SHORTNAME_KEY]
+            self.__dict__["_continuation_call"] = (StateTracker.get_global_step(), shortname, clip, frames)
+            self.__dict__.setdefault("validation_video_sizes", {})[shortname] = (width, height)
+            logger.info(
+                "LongCat-Video validation %s: continues %s from its first %d of %d frames (as training prepares them, "
+                "at %dx%d)",
+                shortname,
+                clip.path,
+                clip.condition_frames,
+                len(frames),
+                width,
+                height,
+            )
+        elif isinstance(image, Image.Image) and pipeline_kwargs.get("width") and pipeline_kwargs.get("height"):
             pipeline_kwargs["image"] = self._save_validation_start_image(
                 image, int(pipeline_kwargs["width"]), int(pipeline_kwargs["height"])
             )
@@ -235,7 +271,12 @@ class LongCatVideo(VideoModelFoundation):
         """
         if not getattr(self.config, "validation_using_datasets", False):
             return [_tagged(sample) for sample in samples]
-        return [_with_paired_start_frame(sample, self) for sample in samples]
+        return [_with_condition_frames(sample, self) or _with_paired_start_frame(sample, self) for sample in samples]
+
+    def _continuation_clip(self, image: Any) -> continuation.EvalClip | None:
+        """The eval clip a validation start image stands for, when its sample continues a clip."""
+        shortname = image.info.get(VALIDATION_SHORTNAME_KEY) if isinstance(image, Image.Image) else None
+        return (self.__dict__.get("_continuation_inputs") or {}).get(shortname)
 
     def _save_validation_start_image(self, image: Image.Image, width: int, height: int) -> Image.Image:
         """The start image at the generated size, saved beside the validation videos; returns it.
@@ -267,11 +308,16 @@ class LongCatVideo(VideoModelFoundation):
                 len(model.blocks),
                 device,
             )
-        if self.settings.compile_blocks:
+        compiled, reason = compile_blocks_for(self.config, self.settings, self.accelerator.device)
+        if compiled:
             # Compilation is lazy: the blocks are traced at their first call, after the host
-            # has added the LoRA layers.
+            # has added the LoRA layers; the transformer logs how long that first call took.
             model.compile_blocks()
-            logger.info("LongCat-Video: %d DiT blocks will be torch.compile'd at the first step", len(model.blocks))
+            logger.info(
+                "LongCat-Video: %d DiT blocks will be torch.compile'd at the first step (%s)", len(model.blocks), reason
+            )
+        else:
+            logger.info("LongCat-Video: DiT blocks run eager (%s)", reason)
         model.set_checkpoint_saves(self.settings.checkpoint_saves)
         if getattr(self.config, "gradient_checkpointing", False):
             logger.info(
@@ -313,12 +359,34 @@ class LongCatVideo(VideoModelFoundation):
     # itself only through its multi-stage hook; here it is one stage, wrapped so the LoRA is applied
     # for exactly that call: forward hooks on top of the trained adapter, removed afterwards, so
     # nothing of it can reach training (the weights are never written).
+    # Continuation validation uses the same hook to see each result: the generated video is saved
+    # beside its eval clip (host.continuation.save_beside_clip).
     def supports_multistage_validation(self) -> bool:
-        return self.settings.distill_lora is not None or super().supports_multistage_validation()
+        return (
+            self.settings.distill_lora is not None
+            or bool(self.__dict__.get("_continuation_inputs"))
+            or super().supports_multistage_validation()
+        )
 
     def run_multistage_validation(self, pipeline_kwargs: dict, pipeline_call: Callable[..., Any]) -> Any:
-        if self.settings.distill_lora is None:
+        if self.settings.distill_lora is None and not self.__dict__.get("_continuation_inputs"):
             return super().run_multistage_validation(pipeline_kwargs, pipeline_call)
+        result = self._distilled_call(pipeline_kwargs, pipeline_call)
+        pending = self.__dict__.get("_continuation_call")
+        if pending is not None:
+            # Once per sample: with EMA comparison the host samples twice, the first (the trained weights) is saved.
+            self.__dict__["_continuation_call"] = None
+            step, shortname, clip, truth = pending
+            folder = os.path.join(self.config.output_dir, "validation_images")
+            fps = float(getattr(self.config, "framerate", None) or spec.DEFAULT_FRAMERATE)
+            generated = continuation.as_frames(result.frames[0])
+            continuation.save_beside_clip(folder, step, shortname, generated, truth, clip, fps)
+        return result
+
+    def _distilled_call(self, pipeline_kwargs: dict, pipeline_call: Callable[..., Any]) -> Any:
+        """The pipeline call, with the distillation LoRA applied for exactly that call when one is set."""
+        if self.settings.distill_lora is None:
+            return pipeline_call(self.pipeline, pipeline_kwargs)
         transformer = self.pipeline.transformer
         device, dtype = next(transformer.parameters()).device, self.config.weight_dtype
         cached = getattr(self, "_distill_lora_on_device", None)
@@ -431,6 +499,22 @@ def _tagged(sample: Any, start_frame: str | None = None, image: Any = None) -> A
     if start_frame is not None:
         image.info[START_FRAME_KEY] = start_frame
     return dataclasses.replace(sample, conditioning=image)
+
+
+def _with_condition_frames(sample: Any, model: Any) -> Any:
+    """An eval sample of a continuation dataset, its clip noted for the pipeline call; None for other samples."""
+    backend_id, clip = sample.data_backend_id, sample.image_path
+    if backend_id not in (getattr(StateTracker, "data_backends", None) or {}) or not clip:
+        return None
+    frames = datasets.dataset_condition_frames(StateTracker.get_data_backend_config(backend_id))
+    if not frames:
+        return None
+    found = continuation.EvalClip(dataset_id=backend_id, path=clip, condition_frames=frames)
+    model.__dict__.setdefault("_continuation_inputs", {})[sample.shortname] = found
+    logger.info(
+        "LongCat-Video validation %s: a continuation of %s from its first %d frames", sample.shortname, clip, frames
+    )
+    return _tagged(sample)
 
 
 def _with_paired_start_frame(sample: Any, model: Any) -> Any:

@@ -40,6 +40,10 @@ def config_field(option: spec.ConfigOption, order: int = 0) -> Any:
     elif option.type is float:
         # Explicit: with an unset default the host would infer int for a number field.
         field_type, parser_type, choices = FieldType.NUMBER, ParserType.FLOAT, None
+    elif option.type is int:
+        # A number box in the WebUI, a string to the parser: the family's rule (e.g. 4k + 1 frames)
+        # names a bad value instead of argparse's "invalid int value".
+        field_type, parser_type, choices = FieldType.NUMBER, ParserType.STRING, None
     else:
         field_type, parser_type, choices = FieldType.TEXT, ParserType.STRING, None
     return ConfigField(

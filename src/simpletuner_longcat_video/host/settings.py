@@ -35,10 +35,13 @@ class Settings:
     """The plugin's keys, parsed and checked: what the family reads instead of the raw config."""
 
     attention: AttentionOptions
-    compile_blocks: bool
+    compile_blocks: bool | None  # None: "auto", decided by compile_blocks_for once the device is known
     distill_lora: str | None  # an existing file, or None
     checkpoint_saves: str = "none"  # a level of core.selective_checkpoint.LEVELS ("auto" resolved)
     checkpoint_saves_reason: str = ""  # why: the user's value, or what "auto" found
+    # longcat_condition_frames in config.json: the continuation condition of every video dataset
+    # without start frames or a value of its own (0 = none); datasets.prepare_datasets applies it.
+    condition_frames: int = 0
 
 
 def read_settings(config: object) -> Settings:
@@ -52,7 +55,16 @@ def read_settings(config: object) -> Settings:
         distill_lora=distill_lora_path(config),
         checkpoint_saves=saves,
         checkpoint_saves_reason=reason,
+        condition_frames=global_condition_frames(config),
     )
+
+
+def global_condition_frames(config: object) -> int:
+    """``longcat_condition_frames`` of the config (0 when unset), refused unless 0 or 4k + 1."""
+    raw = getattr(config, spec.CONDITION_FRAMES_KEY, None)
+    if raw is None or (isinstance(raw, str) and raw.strip() in ("", "None")):
+        return 0
+    return datasets.condition_frames_value(raw, spec.CONDITION_FRAMES_KEY)
 
 
 def check_run_config(config: object, settings: Settings, compute_device: torch.device | str) -> None:
@@ -75,6 +87,9 @@ def check_config_before_launch(config: object) -> None:
     settings = read_settings(config)
     check_checkpoint_weights(getattr(config, "pretrained_model_name_or_path", None))
     check_run_config(config, settings, "cuda" if torch.cuda.is_available() else "cpu")
+    backends = datasets.read_data_backend_list(config)
+    if backends is not None:
+        datasets.check_continuation_datasets(config, backends, settings.condition_frames)
 
 
 def check_checkpoint_weights(path: str | None) -> None:
@@ -175,20 +190,50 @@ def attention_options_from_config(config: object) -> AttentionOptions:
     return options
 
 
-def compile_blocks_requested(config: object) -> bool:
-    """``longcat_compile_blocks`` as a bool (the host hands JSON booleans over as "true"/"false")."""
+def compile_blocks_requested(config: object) -> bool | None:
+    """``longcat_compile_blocks`` as True/False, or None for ``auto`` (the default; also when unset).
+
+    The host hands JSON booleans over as "true"/"false" strings, or as bools.
+    """
     raw = getattr(config, "longcat_compile_blocks", None)
     if raw is None or isinstance(raw, bool):
-        return bool(raw)
+        return raw
     value = str(raw).strip().lower()
-    if value not in ("true", "false"):
+    if value not in ("auto", "true", "false"):
         raise LongCatVideoError(
             where="longcat_compile_blocks",
             value=raw,
-            rule="must be true or false",
-            fix="set it to true to torch.compile the DiT blocks, or leave it out",
+            rule="must be auto, true or false",
+            fix="leave it out (auto: compiled on CUDA where measured faster), or set true / false",
         )
-    return value == "true"
+    return None if value == "auto" else value == "true"
+
+
+def compile_blocks_for(config: object, settings: Settings, compute_device: torch.device | str) -> tuple[bool, str]:
+    """Whether the DiT blocks are compiled in this run, and why (for the log line).
+
+    ``auto`` compiles only in the setting that was measured faster on the H200 (a bf16 base on
+    CUDA, no block swap, no context parallelism); everything else stays eager unless asked for.
+    """
+    if settings.compile_blocks is not None:
+        return settings.compile_blocks, "longcat_compile_blocks: " + str(settings.compile_blocks).lower()
+    precision = str(getattr(config, "base_model_precision", None) or "no_change")
+    blocks_to_swap = int(getattr(config, "musubi_blocks_to_swap", 0) or 0)
+    context_parallel = int(getattr(config, "context_parallel_size", 1) or 1)
+    if torch.device(compute_device).type != "cuda":
+        return False, "auto: eager off CUDA"
+    if precision != "no_change":
+        return False, f"auto: eager with base_model_precision {precision} (compiled not measured there)"
+    if blocks_to_swap:
+        return False, "auto: eager with block swap (compiled not measured there)"
+    if _offload_backend(config) and settings.checkpoint_saves != "none":
+        return False, (
+            f"auto: eager with gradient_checkpointing_backend {_offload_backend(config)} and longcat_checkpoint_saves "
+            f"{settings.checkpoint_saves} (compiled blocks keep their saves where the offload cannot reach)"
+        )
+    if context_parallel > 1:
+        return False, "auto: eager with context parallelism (compiled not measured there)"
+    return True, "auto: compiled on CUDA with a bf16 base"
 
 
 def check_compile_config(config: object, settings: Settings) -> None:
@@ -199,11 +244,14 @@ def check_compile_config(config: object, settings: Settings) -> None:
             where="longcat_compile_blocks",
             value=f"true with base_model_precision {precision!r}",
             rule="torch.compile cannot trace optimum-quanto weights (on an H100 it fails at the first step)",
-            fix="leave longcat_compile_blocks out when you train on a quanto-quantised base, or drop the quantisation",
+            fix="leave longcat_compile_blocks at auto (eager with quanto) when you train on a quanto-quantised "
+            "base, or drop the quantisation",
         )
 
 
-def checkpoint_saves_from_config(config: object, attention: AttentionOptions, compile_blocks: bool) -> tuple[str, str]:
+def checkpoint_saves_from_config(
+    config: object, attention: AttentionOptions, compile_blocks: bool | None
+) -> tuple[str, str]:
     """``longcat_checkpoint_saves`` as a level, and why.
 
     ``auto`` is ``attention``, except ``none`` where a level cannot apply (below) or where the config
@@ -253,7 +301,7 @@ def _memory_options(config: object) -> str:
 
 
 def _checkpoint_saves_conflict(
-    config: object, attention: AttentionOptions, compile_blocks: bool
+    config: object, attention: AttentionOptions, compile_blocks: bool | None
 ) -> tuple[str, str, str] | None:
     """(the other setting, the rule, the fix) of the first combination no level but ``none`` works with."""
     if attention.backend == "xformers":
@@ -263,7 +311,8 @@ def _checkpoint_saves_conflict(
             "not among them, so attention would be recomputed anyway",
             'use attention_implementation "auto" or "sdpa", or longcat_checkpoint_saves "none"',
         )
-    if not compile_blocks:
+    if compile_blocks is not True:
+        # Eager, or longcat_compile_blocks auto: compile_blocks_for keeps such a run eager.
         return None
     if _offload_backend(config):
         return (

@@ -11,6 +11,10 @@ The check is deliberately the user's path: ``pipeline.load_pipeline``, the LoRA 
 wrote, the start frame as an image file. What a wrong training batch does to it (a flipped flow
 sign, a noised condition frame, a wrong timestep convention) is shown by mutation in
 ``tests/test_learning.py``.
+
+The same check for video continuation (:func:`continuation_errors`): each training clip is
+continued from its own first K frames (``video=``, ``num_condition_frames=K``) and compared with
+the clip on the latent frames after the condition, (K - 1) / 4 + 1 onwards.
 """
 
 from __future__ import annotations
@@ -86,6 +90,22 @@ class LearningCheck:
         return "\n".join(rows)
 
 
+@dataclass(frozen=True)
+class Clip:
+    """One continuation training clip: its caption and the clip, whose first frames are the condition."""
+
+    caption: str
+    clip: Path
+
+
+def training_clips(clips: Path) -> list[Clip]:
+    """The clips of a continuation dataset folder: ``<name>.mp4`` + ``<name>.txt``."""
+    return [
+        Clip(caption=path.with_suffix(".txt").read_text().strip(), clip=path)
+        for path in sorted(Path(clips).glob("*.mp4"))
+    ]
+
+
 def training_pairs(clips: Path, start_frames: Path) -> list[Pair]:
     """The pairs of a paired dataset folder: ``clips/<name>.mp4`` + ``<name>.txt``, ``start_frames/<name>.png``."""
     pairs = []
@@ -113,6 +133,21 @@ def clip_latents(pipe, frames: Sequence, height: int, width: int) -> torch.Tenso
     return normalize_latents(pipe.vae.encode(pixels).latent_dist.mode().float(), pipe.vae)
 
 
+def _sampled_error(pipe, target: torch.Tensor, first: int, seeds: Sequence[int], **call) -> float:
+    """Mean over ``seeds`` of the MSE between sampled latents and ``target`` on latent frames ``first:``."""
+    per_seed = []
+    for seed in seeds:
+        sampled = pipe(
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            show_progress=False,
+            **call,
+        ).frames
+        per_seed.append(float(((sampled[:, :, first:].float() - target[:, :, first:]) ** 2).mean()))
+    return sum(per_seed) / len(per_seed)
+
+
 @torch.no_grad()
 def latent_errors(pipe, pairs: Iterable[Pair], *, steps: int = STEPS, seeds: Sequence[int] = SEEDS) -> list[float]:
     """Per pair: mean over ``seeds`` of the MSE between sampled and clip latents on frames 1:."""
@@ -124,22 +159,50 @@ def latent_errors(pipe, pairs: Iterable[Pair], *, steps: int = STEPS, seeds: Seq
         width, height = frames[0].size
         target = clip_latents(pipe, frames, height, width)
         start = Image.open(pair.start_frame).convert("RGB")
-        per_seed = []
-        for seed in seeds:
-            sampled = pipe(
+        errors.append(
+            _sampled_error(
+                pipe,
+                target,
+                1,
+                seeds,
                 prompt=pair.caption,
                 image=start,
                 height=height,
                 width=width,
                 num_frames=len(frames),
                 num_inference_steps=steps,
-                guidance_scale=GUIDANCE,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="latent",
-                show_progress=False,
-            ).frames
-            per_seed.append(float(((sampled[:, :, 1:].float() - target[:, :, 1:]) ** 2).mean()))
-        errors.append(sum(per_seed) / len(per_seed))
+            )
+        )
+    return errors
+
+
+@torch.no_grad()
+def continuation_errors(
+    pipe, clips: Iterable[Clip], condition_frames: int, *, steps: int = STEPS, seeds: Sequence[int] = SEEDS
+) -> list[float]:
+    """Per clip: the latent MSE of its continuation from its first ``condition_frames`` frames, after them."""
+    from simpletuner_longcat_video import spec
+
+    errors = []
+    for item in clips:
+        frames = read_clip(item.clip)
+        width, height = frames[0].size
+        target = clip_latents(pipe, frames, height, width)
+        errors.append(
+            _sampled_error(
+                pipe,
+                target,
+                spec.FRAME_RULE.latent_frames(condition_frames),
+                seeds,
+                prompt=item.caption,
+                video=frames[:condition_frames],
+                num_condition_frames=condition_frames,
+                height=height,
+                width=width,
+                num_frames=len(frames),
+                num_inference_steps=steps,
+            )
+        )
     return errors
 
 

@@ -380,22 +380,10 @@ def synthetic_clip(index: int, *, frames: int, height: int, width: int) -> np.nd
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """Write ``[T, H, W, 3]`` uint8 frames as an H.264 mp4 (PyAV)."""
-    import av
+    """Write ``[T, H, W, 3]`` uint8 frames as a near-lossless H.264 mp4 (PyAV, crf 10)."""
+    from simpletuner_longcat_video.core.pipeline import write_video as write_mp4
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_mp4(path, frames, fps=fps, crf=10)
 
 
 def build_tiny_dataset(
@@ -454,4 +442,53 @@ def build_learning_dataset(root: str | Path, *, frames: int = 9, size: int = 64)
             (clip_dir / f"{name}.txt").write_text(LEARNING_CAPTION)
             Image.fromarray(filled(start, 1)[0]).save(frame_dir / f"{name}.png")
         folders[f"{split}_clips"], folders[f"{split}_start_frames"] = clip_dir, frame_dir
+    return folders
+
+
+def build_continuation_dataset(
+    root: str | Path, *, clips: int = 2, frames: int = 17, height: int = 64, width: int = 64, offset: int = 200
+) -> Path:
+    """A video dataset for continuation: ``<root>/clip_<n>.mp4`` + caption each, no start frames; returns ``root``.
+
+    The clips are :func:`synthetic_clip` (a square moving over a gradient), so their later frames
+    differ from their first ones; ``offset`` keeps them apart from :func:`build_tiny_dataset`'s clips.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(offset, offset + clips):
+        name = f"clip_{index:03d}"
+        write_video(root / f"{name}.mp4", synthetic_clip(index, frames=frames, height=height, width=width))
+        words = _WORDS[index % 3], _WORDS[3 + index % 2], _WORDS[6 + index % 4]
+        (root / f"{name}.txt").write_text(f"a {words[0]} {words[1]} {words[2]} over the dark background")
+    return root
+
+
+def build_continuation_learning_dataset(
+    root: str | Path, *, frames: int = 13, condition_frames: int = 5, size: int = 64
+) -> dict[str, Path]:
+    """Two clips a continuation LoRA can learn, and a one-clip validation split (``<root>/train``, ``<root>/val``).
+
+    ``clip_000``: its first ``condition_frames`` frames are the first of ``LEARNING_COLOURS``, the
+    rest the second colour; ``clip_001`` the other way round; one caption for both. Which colour
+    follows can only be read from the condition frames (the latent normalisation is centred
+    between the two colours): the continuation counterpart of :func:`build_learning_dataset`.
+    Returns the two clip folders by role (``train_clips``, ``val_clips``).
+    """
+    first, second = LEARNING_COLOURS
+
+    def clip(start: tuple[int, int, int], end: tuple[int, int, int]) -> np.ndarray:
+        video = np.empty((frames, size, size, 3), dtype=np.uint8)
+        video[:condition_frames] = start
+        video[condition_frames:] = end
+        return video
+
+    splits = {"train": [("clip_000", first, second), ("clip_001", second, first)], "val": [("clip_100", first, second)]}
+    folders = {}
+    for split, clips in splits.items():
+        folder = Path(root) / split / "clips"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, start, end in clips:
+            write_video(folder / f"{name}.mp4", clip(start, end))
+            (folder / f"{name}.txt").write_text(LEARNING_CAPTION)
+        folders[f"{split}_clips"] = folder
     return folders
