@@ -40,8 +40,10 @@ what the backward needs, so a compiled level never stores an output the backward
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +51,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.errors import LongCatVideoError
+
+_SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 # The levels a model accepts (the config's "auto" is resolved by the family before it gets here).
 LEVELS: tuple[str, ...] = tuple(level for level in spec.CHECKPOINT_SAVES if level != "auto")
@@ -153,7 +157,11 @@ def context_fn_for(policy: SavePolicy) -> Callable[[], tuple[Any, Any]]:
     with, so regions that each held their own copy compiled once per block (and past Dynamo's
     recompile limit, 8, the rest would have run uncompiled).
     """
-    return functools.partial(create_selective_checkpoint_contexts, policy)
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    # AOTAutograd's on-disk cache skips regions whose context_fn has no stable hash (a second run
+    # would compile every region again); this one names the policy and this module's source.
+    context_fn.cache_hash = f"{policy!r}:{_SOURCE_HASH}"
+    return context_fn
 
 
 def run_blocks(blocks: Sequence[torch.nn.Module], x: torch.Tensor, *rest: Any) -> torch.Tensor:
