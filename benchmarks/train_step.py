@@ -15,6 +15,12 @@ Rows (ours and the built-in unless marked):
   int8-quanto-compiled  ours only: int8-quanto with compiled blocks
   bsa            ours only: plain with block-sparse attention 0.875 (the default on CUDA)
   bsa-compiled   ours only: bsa with compiled blocks (the kernels are custom ops Inductor calls as is)
+  bsa-compiled-saves-attention  ours only: bsa-compiled, each checkpointed block keeping its attention
+                 output and log-sum-exp (longcat_checkpoint_saves: attention, what auto picks)
+  bsa-compiled-saves-proj       ours only: the same with attention+proj (also the hidden-wide projection outputs)
+  bsa-compiled-saves-ffn        ours only: the same with attention+ffn (also the FFN matmul outputs)
+  bsa-saves-attention           ours only: bsa (eager blocks) with longcat_checkpoint_saves: attention
+  plain-compiled-saves-attention  ours only: plain-compiled (dense SDPA) with longcat_checkpoint_saves: attention
   bsa-compiled-k13  ours only: bsa-compiled as video continuation from 13 frames (4 condition latents)
   swap8          plain + musubi_blocks_to_swap=8 (blocks 40-47 streamed from CPU memory)
   int8-quanto    plain with the frozen DiT quantised by the host (optimum-quanto int8 weights)
@@ -45,6 +51,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,6 +71,11 @@ ROWS: dict[str, dict] = {
     "int8-quanto-compiled": {"ours_only": True, "precision": "int8-quanto", "compile": True},
     "bsa": {"ours_only": True, "bsa": True},
     "bsa-compiled": {"ours_only": True, "bsa": True, "compile": True},
+    "bsa-compiled-saves-attention": {"ours_only": True, "bsa": True, "compile": True, "saves": "attention"},
+    "bsa-compiled-saves-proj": {"ours_only": True, "bsa": True, "compile": True, "saves": "attention+proj"},
+    "bsa-compiled-saves-ffn": {"ours_only": True, "bsa": True, "compile": True, "saves": "attention+ffn"},
+    "bsa-saves-attention": {"ours_only": True, "bsa": True, "saves": "attention"},
+    "plain-compiled-saves-attention": {"ours_only": True, "compile": True, "saves": "attention"},
     "bsa-compiled-k13": {"ours_only": True, "bsa": True, "compile": True, "cond": 4},
     "swap8": {"swap": 8},
     "int8-quanto": {"precision": "int8-quanto"},
@@ -149,6 +161,8 @@ def build(which: str, config: dict, row: dict, device: torch.device, dtype: torc
             if "lora_B" in name:  # nonzero B: the adapter path carries real gradients
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 1e-3)
     model.enable_gradient_checkpointing()
+    if row.get("saves"):
+        model.set_checkpoint_saves(row["saves"])
     if row.get("compile"):
         model.compile_blocks()
     if row.get("offload"):
@@ -253,9 +267,15 @@ def run_row(name: str, which: str, args: argparse.Namespace, device, dtype) -> d
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if row.get("compile"):
+        # Each compiled row compiles from scratch: its first step is its own compile time, and rows with
+        # other checkpoint levels or backends do not fill Dynamo's per-function recompile limit (8).
+        torch._dynamo.reset()
     t0 = time.perf_counter()
     model = build(which, full_config(args.tiny), row, device, dtype, args.lora_rank)
     result["build_s"] = time.perf_counter() - t0
+    if which == "ours":
+        result["checkpoint_saves"] = model.checkpoint_saves
     inputs = make_inputs(shape, architecture(args.tiny), device, dtype)
     try:
         with Timer(device) as timer:

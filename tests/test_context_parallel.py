@@ -87,11 +87,12 @@ def _worker_main(out_path: str) -> None:
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         return out.detach(), loss.detach(), x.grad.detach(), grads
 
-    def compare(name, *, frames, ncl, dtype=torch.float32, backend="sdpa", checkpointing=False, **shape):
+    def compare(name, *, frames, ncl, dtype=torch.float32, backend="sdpa", checkpointing=False, saves="none", **shape):
         model = seeded_init(LongCatVideoTransformer3DModel(**TINY), seed=3).to(dtype)
         model.set_attention_options(backend=backend, sparsity=0.5, chunk=(1, 2, 8))
         if checkpointing:
             model.enable_gradient_checkpointing()
+            model.set_checkpoint_saves(saves)
         model.train()
         x, t, y, mask = inputs(batch=2, frames=frames, **shape)
         mask[1, -3:] = 0
@@ -128,6 +129,8 @@ def _worker_main(out_path: str) -> None:
     compare("i2v_uneven_fp32", frames=5, ncl=1)
     compare("t2v_even_fp32", frames=4, ncl=0)
     compare("i2v_checkpointed_fp32", frames=4, ncl=1, checkpointing=True)
+    # Selective checkpointing keeps this rank's attention heads; the all-to-alls around it rerun.
+    compare("i2v_checkpoint_saves_fp32", frames=4, ncl=1, checkpointing=True, saves="attention")
     compare("i2v_bf16", frames=5, ncl=1, dtype=torch.bfloat16)
     compare("i2v_block_sparse_fp32", frames=4, ncl=1, backend="block_sparse", height=8, width=16)
     results["block_sparse_failures"] = attention.failed_backends()
@@ -213,7 +216,13 @@ def cp_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(out.read_text())
 
 
-FP32_CASES = ["i2v_uneven_fp32", "t2v_even_fp32", "i2v_checkpointed_fp32", "i2v_block_sparse_fp32"]
+FP32_CASES = [
+    "i2v_uneven_fp32",
+    "t2v_even_fp32",
+    "i2v_checkpointed_fp32",
+    "i2v_checkpoint_saves_fp32",
+    "i2v_block_sparse_fp32",
+]
 
 
 @pytest.mark.parametrize("case", FP32_CASES)

@@ -193,6 +193,9 @@ class ConfigOption:
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "xformers", "block_sparse")
+# What each gradient-checkpointed DiT block keeps from its forward (core/selective_checkpoint.py says
+# what each level stores); "auto" is resolved by host/settings.py (checkpoint_saves_from_config).
+CHECKPOINT_SAVES = ("auto", "none", "attention", "attention+proj", "attention+ffn")
 CONFIG_OPTIONS = (
     ConfigOption(
         "attention_implementation",
@@ -239,6 +242,18 @@ CONFIG_OPTIONS = (
         "(about 30 s there), logged",
         ("auto", "true", "false"),
         label="LongCat-Video Compile DiT Blocks",
+        tab="model",
+    ),
+    ConfigOption(
+        "longcat_checkpoint_saves",
+        str,
+        "auto",
+        "LongCat-Video gradient checkpointing: what each checkpointed block keeps instead of recomputing it in "
+        "the backward: none (recompute all), attention (self-attention output and log-sum-exp), attention+proj "
+        "(also the hidden-wide projection outputs), attention+ffn (also the FFN matmul outputs); auto = attention, "
+        "or none with quantisation, block swap, the unsloth offload or xFormers (docs/memory.md: which for your GPU)",
+        CHECKPOINT_SAVES,
+        label="LongCat-Video Checkpoint Saves",
         tab="model",
     ),
     ConfigOption(

@@ -343,7 +343,10 @@ def select_backend(options: AttentionOptions, q: torch.Tensor, q_grid: Grid, kv_
 
     load_entry_point_backends()
     choice, reason = FALLBACK_BACKEND, "no backend is a candidate for auto"
-    for name, entry in sorted(_REGISTRY.items()):
+    # Sorted by name alone: Dynamo cannot sort (name, entry) pairs, and a compiled block tracing
+    # this loop would split its graph here (and a selective checkpoint would not compile at all).
+    for name in sorted(_REGISTRY):
+        entry = _REGISTRY[name]
         backend = entry.backend
         if not backend.auto:
             continue

@@ -21,6 +21,7 @@ condition_cache=)`` then runs the blocks on the noisy frames only. All attention
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -49,6 +50,13 @@ from simpletuner_longcat_video.core.attention import (
     registered_backends,
 )
 from simpletuner_longcat_video.core.context_parallel import FrameShard
+from simpletuner_longcat_video.core.selective_checkpoint import (
+    CompiledCheckpoint,
+    SavePolicy,
+    check_level,
+    context_fn_for,
+    run_blocks,
+)
 from simpletuner_longcat_video.errors import LongCatVideoError, listed
 
 logger = logging.getLogger(__name__)
@@ -682,6 +690,11 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         self.gradient_checkpointing = False
         self._checkpoint_backend = "torch"
+        self._checkpoint_saves = "none"  # what a checkpointed block keeps (core/selective_checkpoint.py)
+        self._checkpoint_interval: int | None = None  # blocks per checkpoint (the host's interval)
+        self._checkpoint_stride: int | None = None  # a checkpointed run starts every stride blocks
+        self._compile_options: dict | None = None  # set by compile_blocks
+        self._compiled_checkpoints: dict[tuple[int, ...], CompiledCheckpoint] = {}
         self._musubi_block_swap = None  # the host's MusubiBlockSwapManager, found by this name
         self._cp_group = None  # torch.distributed group sharing one sample's frames
         self._compile_timing_pending: set[bool] = set()  # grad modes whose first compiled call is not timed yet
@@ -801,6 +814,10 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             block.compile(**options)
         # Training and sampling compile separate graphs (grad mode is a guard): time the first of each.
         self._compile_timing_pending = {True, False}
+        # Selective checkpointing needs the checkpoint inside the compiled region (see
+        # core/selective_checkpoint.py); those regions compile lazily, with the same options.
+        self._compile_options = dict(options)
+        self._compiled_checkpoints.clear()
 
     def enable_context_parallel(self, group: Any | None) -> None:
         """Split every sample's latent frames between the ranks of ``group`` (``None`` turns it off).
@@ -866,11 +883,105 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
         self._checkpoint_backend = backend
 
-    def _run_checkpointed(self, block: nn.Module, *args: Any) -> torch.Tensor:
-        if self._checkpoint_backend == "unsloth":
+    def set_checkpoint_saves(self, level: str) -> None:
+        """What each checkpointed block keeps from its forward instead of recomputing it.
+
+        One of :data:`simpletuner_longcat_video.core.selective_checkpoint.LEVELS`: ``"none"`` (the
+        default: recompute everything), ``"attention"``, ``"attention+proj"``, ``"attention+ffn"``.
+        """
+        self._checkpoint_saves = check_level(level)
+        self._compiled_checkpoints.clear()
+
+    @property
+    def checkpoint_saves(self) -> str:
+        """The level set by :meth:`set_checkpoint_saves`."""
+        return self._checkpoint_saves
+
+    def set_gradient_checkpointing_interval(self, interval: int | None) -> None:
+        """Host hook (``gradient_checkpointing_interval``): checkpoint ``interval`` consecutive blocks as
+        one region, so only every ``interval``-th block input is kept (the host's Wan and Flux rule).
+
+        ``None`` or 1 checkpoints every block on its own. Refused with block swap: its hooks stream
+        one block at a time, and a region of several recomputes them together.
+        """
+        _check_block_count(
+            interval,
+            where="gradient_checkpointing_interval",
+            rule="must be a whole number of blocks per checkpoint, at least 1",
+            fix="leave it unset (every block checkpointed on its own) or use e.g. 2",
+        )
+        self._checkpoint_interval = None if interval in (None, 1) else interval
+        self._compiled_checkpoints.clear()
+
+    def set_gradient_checkpointing_segment_stride(self, stride: int | None) -> None:
+        """Host hook (``gradient_checkpointing_segment_stride``): a checkpointed region of ``interval``
+        blocks starts every ``stride`` blocks; the blocks between run without checkpointing (they keep
+        all their activations: faster, more memory)."""
+        _check_block_count(
+            stride,
+            where="gradient_checkpointing_segment_stride",
+            rule="must be a whole number of blocks, at least gradient_checkpointing_interval",
+            fix="leave it unset, or use a stride >= the interval",
+        )
+        self._checkpoint_stride = stride
+        self._compiled_checkpoints.clear()
+
+    def checkpoint_plan(self) -> list[tuple[range, bool]]:
+        """The blocks in runs, each run either checkpointed as one region (True) or run plainly."""
+        depth = len(self.blocks)
+        size = self._checkpoint_interval or 1
+        stride = self._checkpoint_stride or size
+        if stride < size:
+            raise LongCatVideoError(
+                where="gradient_checkpointing_segment_stride",
+                value=stride,
+                rule=f"must be at least gradient_checkpointing_interval ({size}): a stride window holds one region",
+                fix=f"use a stride of {size} or more, or leave it unset",
+            )
+        plan = []
+        for start in range(0, depth, stride):
+            plan.append((range(start, min(start + size, depth)), True))
+            if start + size < min(start + stride, depth):
+                plan.append((range(start + size, min(start + stride, depth)), False))
+        return plan
+
+    def _run_checkpointed(self, indices: range, *args: Any) -> torch.Tensor:
+        blocks = [self.blocks[i] for i in indices]
+        function = blocks[0] if len(blocks) == 1 else functools.partial(run_blocks, blocks)
+        offload = self._checkpoint_backend == "unsloth"
+        if self._checkpoint_saves == "none":
+            if offload:
+                offloaded_checkpoint = self._trainer_part("offloaded_checkpoint", "gradient_checkpointing_backend")
+                return offloaded_checkpoint(function, *args, use_reentrant=False)
+            return self._gradient_checkpointing_func(function, *args)
+        policy = SavePolicy(self._checkpoint_saves, self.config.hidden_size, self.blocks[0].ffn.inner_dim)
+        if self._compile_options is not None:
+            return self._compiled_checkpoint(indices, policy)(*args)
+        if offload:
             offloaded_checkpoint = self._trainer_part("offloaded_checkpoint", "gradient_checkpointing_backend")
-            return offloaded_checkpoint(block, *args, use_reentrant=False)
-        return self._gradient_checkpointing_func(block, *args)
+            return offloaded_checkpoint(function, *args, use_reentrant=False, context_fn=context_fn_for(policy))
+        return torch.utils.checkpoint.checkpoint(
+            function, *args, use_reentrant=False, context_fn=context_fn_for(policy)
+        )
+
+    def _compiled_checkpoint(self, indices: range, policy: SavePolicy) -> CompiledCheckpoint:
+        if self._checkpoint_backend == "unsloth":
+            # The host's offload hooks pack what a checkpoint saves; inside a compiled region they
+            # cannot run, and around it they would store what the policy keeps on the CPU too.
+            raise LongCatVideoError(
+                where="longcat_checkpoint_saves",
+                value=f"{policy.level} with compiled blocks and gradient_checkpointing_backend 'unsloth'",
+                rule="a compiled block keeps its saves inside the compiled region, where the host's offload "
+                "hooks cannot run",
+                fix="set longcat_checkpoint_saves to none with unsloth and compiled blocks, or use the 'torch' backend",
+            )
+        key = tuple(indices)
+        region = self._compiled_checkpoints.get(key)
+        if region is None:
+            region = CompiledCheckpoint([self.blocks[i] for i in indices], context_fn_for(policy))
+            region.compile(**self._compile_options)
+            self._compiled_checkpoints[key] = region
+        return region
 
     def _compute_dtype(self) -> torch.dtype:
         dtype = self.x_embedder.proj.weight.dtype
@@ -988,11 +1099,12 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         checkpointing = grad and self.gradient_checkpointing
         timed = grad in self._compile_timing_pending and not torch.compiler.is_compiling()
         started = time.perf_counter() if timed else 0.0
-        for block in self._streamed_blocks(device, checkpointing):
-            if checkpointing:
-                x = self._run_checkpointed(block, x, y, text_mask, temb, rope_cos, rope_sin, context)
+        rest = (y, text_mask, temb, rope_cos, rope_sin, context)
+        for run, checkpointed in self._block_runs(device, checkpointing):
+            if checkpointed:
+                x = self._run_checkpointed(run, x, *rest)
             else:
-                x = block(x, y, text_mask, temb, rope_cos, rope_sin, context)
+                x = run_blocks([self.blocks[i] for i in run], x, *rest)
 
         if timed:
             self._log_first_compiled_call(grad, device, started)
@@ -1121,7 +1233,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for index, block in enumerate(self._streamed_blocks(device, checkpointing)):
             kv = cache.block_kv(index, repeat, device)
             if checkpointing:
-                x = self._run_checkpointed(block, x, y, text_mask, temb, rope_cos, rope_sin, context, kv)
+                x = self._run_checkpointed(
+                    range(index, index + 1), x, y, text_mask, temb, rope_cos, rope_sin, context, kv
+                )
             else:
                 x = block(x, y, text_mask, temb, rope_cos, rope_sin, context, kv)
         if timed:
@@ -1144,6 +1258,23 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 fix="sample with use_kv_cache=False under context parallelism, or turn context parallelism off "
                 "(enable_context_parallel(None)) to use the cache",
             )
+
+    def _block_runs(self, device: torch.device, checkpointing: bool) -> Iterator[tuple[range, bool]]:
+        """The blocks as runs to call, ``(indices, checkpointed)`` (see :meth:`checkpoint_plan`); with block
+        swap, one block per run, each swapped block streamed onto ``device`` around its run."""
+        plan = self.checkpoint_plan() if checkpointing else [(range(len(self.blocks)), False)]
+        if self._musubi_block_swap is None:
+            yield from plan
+            return
+        if checkpointing and (self._checkpoint_interval or self._checkpoint_stride):
+            raise LongCatVideoError(
+                where="gradient_checkpointing_interval",
+                value=f"{self._checkpoint_interval} with musubi_blocks_to_swap",
+                rule="block swap streams one block at a time, and a checkpoint of several blocks recomputes them together",
+                fix="leave gradient_checkpointing_interval unset with block swap",
+            )
+        for index, _ in enumerate(self._streamed_blocks(device, checkpointing)):
+            yield range(index, index + 1), checkpointing
 
     def _streamed_blocks(self, device: torch.device, checkpointing: bool) -> Iterator[nn.Module]:
         """The blocks in order, each swapped block streamed onto ``device`` around its use."""
@@ -1243,6 +1374,12 @@ __all__ = [
     "check_blocks_to_swap",
     "rotary_rows",
 ]
+
+
+def _check_block_count(value: object, *, where: str, rule: str, fix: str) -> None:
+    """``value`` must be None or a whole number of blocks, at least 1 (the host's checkpoint keys)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise LongCatVideoError(where=where, value=value, rule=rule, fix=fix)
 
 
 def _reshaped_weights_error(where: str, value: str) -> LongCatVideoError:

@@ -318,6 +318,14 @@ class LongCatVideo(VideoModelFoundation):
             )
         else:
             logger.info("LongCat-Video: DiT blocks run eager (%s)", reason)
+        model.set_checkpoint_saves(self.settings.checkpoint_saves)
+        if getattr(self.config, "gradient_checkpointing", False):
+            logger.info(
+                "LongCat-Video gradient checkpointing: longcat_checkpoint_saves %s (%s): each block keeps %s",
+                self.settings.checkpoint_saves,
+                self.settings.checkpoint_saves_reason,
+                _SAVES_SAID[self.settings.checkpoint_saves],
+            )
         options = model.set_attention_options(self.settings.attention)
         logger.info(
             "LongCat-Video attention: %s (block-sparse sparsity %s, chunk %s, cdf_threshold %s)",
@@ -450,6 +458,15 @@ class LongCatVideo(VideoModelFoundation):
             if "default" in peft_config:
                 kwargs["transformer_lora_adapter_metadata"] = peft_config["default"].to_dict()
         return super().save_lora_weights(*args, **kwargs)
+
+
+# What each level keeps, for the log line (core/selective_checkpoint.py defines them).
+_SAVES_SAID = {
+    "none": "only its input (everything recomputed in the backward)",
+    "attention": "its input, self-attention output and log-sum-exp",
+    "attention+proj": "its input, self-attention output and log-sum-exp, and the hidden-wide projection outputs",
+    "attention+ffn": "its input, self-attention output and log-sum-exp, and the FFN matmul outputs",
+}
 
 
 def _ranges(indices: list[int]) -> str:

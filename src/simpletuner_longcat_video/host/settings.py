@@ -3,8 +3,8 @@
 :func:`read_settings` parses the plugin's own keys (``spec.CONFIG_OPTIONS``) when the family is
 set up, before anything is read from the checkpoint, and refuses a bad value by name; the family
 keeps the result and never parses those keys again. :func:`check_run_config` checks the host's
-keys the family depends on (block swap, compiled blocks with quantisation, context parallelism,
-frames, sizes and buckets) once the host has read its own config. The ranges of the block-sparse
+keys the family depends on (block swap, checkpoint interval, compiled blocks with quantisation,
+context parallelism, frames, sizes and buckets) once the host has read its own config. The ranges of the block-sparse
 settings are the kernels' (``kernels.block_sparse.check_settings``), not restated here.
 """
 
@@ -37,6 +37,8 @@ class Settings:
     attention: AttentionOptions
     compile_blocks: bool | None  # None: "auto", decided by compile_blocks_for once the device is known
     distill_lora: str | None  # an existing file, or None
+    checkpoint_saves: str = "none"  # a level of core.selective_checkpoint.LEVELS ("auto" resolved)
+    checkpoint_saves_reason: str = ""  # why: the user's value, or what "auto" found
     # longcat_condition_frames in config.json: the continuation condition of every video dataset
     # without start frames or a value of its own (0 = none); datasets.prepare_datasets applies it.
     condition_frames: int = 0
@@ -44,10 +46,15 @@ class Settings:
 
 def read_settings(config: object) -> Settings:
     """The plugin's keys of ``config`` as :class:`Settings`; raises ``LongCatVideoError`` for a bad one."""
+    attention = attention_options_from_config(config)
+    compile_blocks = compile_blocks_requested(config)
+    saves, reason = checkpoint_saves_from_config(config, attention, compile_blocks)
     return Settings(
-        attention=attention_options_from_config(config),
-        compile_blocks=compile_blocks_requested(config),
+        attention=attention,
+        compile_blocks=compile_blocks,
         distill_lora=distill_lora_path(config),
+        checkpoint_saves=saves,
+        checkpoint_saves_reason=reason,
         condition_frames=global_condition_frames(config),
     )
 
@@ -64,6 +71,7 @@ def check_run_config(config: object, settings: Settings, compute_device: torch.d
     """The host's keys the family depends on, checked before any weight loads."""
     datasets.check_training_config(config)
     check_block_swap_config(config, compute_device)
+    check_checkpoint_interval_config(config)
     check_compile_config(config, settings)
     check_context_parallel_config(config)
 
@@ -218,6 +226,11 @@ def compile_blocks_for(config: object, settings: Settings, compute_device: torch
         return False, f"auto: eager with base_model_precision {precision} (compiled not measured there)"
     if blocks_to_swap:
         return False, "auto: eager with block swap (compiled not measured there)"
+    if _offload_backend(config) and settings.checkpoint_saves != "none":
+        return False, (
+            f"auto: eager with gradient_checkpointing_backend {_offload_backend(config)} and longcat_checkpoint_saves "
+            f"{settings.checkpoint_saves} (compiled blocks keep their saves where the offload cannot reach)"
+        )
     if context_parallel > 1:
         return False, "auto: eager with context parallelism (compiled not measured there)"
     return True, "auto: compiled on CUDA with a bf16 base"
@@ -234,6 +247,102 @@ def check_compile_config(config: object, settings: Settings) -> None:
             fix="leave longcat_compile_blocks at auto (eager with quanto) when you train on a quanto-quantised "
             "base, or drop the quantisation",
         )
+
+
+def checkpoint_saves_from_config(
+    config: object, attention: AttentionOptions, compile_blocks: bool | None
+) -> tuple[str, str]:
+    """``longcat_checkpoint_saves`` as a level, and why.
+
+    ``auto`` is ``attention``, except ``none`` where a level cannot apply (below) or where the config
+    already trades speed for memory (a quantised base, block swap, the host's activation offload):
+    kept outputs would spend the memory those options free. An explicit level where it cannot apply is refused by name.
+    """
+    raw = getattr(config, "longcat_checkpoint_saves", None)
+    value = "auto" if raw in (None, "") else str(raw).strip().lower()
+    if value not in spec.CHECKPOINT_SAVES:
+        raise LongCatVideoError(
+            where="longcat_checkpoint_saves",
+            value=raw,
+            rule=f"must be one of {list(spec.CHECKPOINT_SAVES)}",
+            fix='use "auto" (attention where it applies), "none", "attention", "attention+proj" or "attention+ffn"; '
+            "docs/memory.md says which fits your GPU",
+        )
+    conflict = _checkpoint_saves_conflict(config, attention, compile_blocks)
+    if value == "auto":
+        if conflict is not None:
+            return "none", f"auto, and none with {conflict[0]}"
+        saving = _memory_options(config)
+        if saving:
+            return "none", f"auto, and none with {saving}, which saves memory"
+        return "attention", "auto"
+    if value != "none" and conflict is not None:
+        with_what, rule, fix = conflict
+        raise LongCatVideoError(where="longcat_checkpoint_saves", value=f"{value} with {with_what}", rule=rule, fix=fix)
+    return value, "set in the config"
+
+
+def _offload_backend(config: object) -> str | None:
+    backend = str(getattr(config, "gradient_checkpointing_backend", None) or "torch").lower()
+    return backend if backend.startswith("unsloth") else None
+
+
+def _memory_options(config: object) -> str:
+    """The options of ``config`` that trade speed for memory, named for the log ('' when none)."""
+    found = []
+    precision = str(getattr(config, "base_model_precision", None) or "no_change")
+    if precision != "no_change":
+        found.append(f"base_model_precision {precision}")
+    if int(getattr(config, "musubi_blocks_to_swap", 0) or 0) > 0:
+        found.append("musubi_blocks_to_swap")
+    if _offload_backend(config):
+        found.append(f"gradient_checkpointing_backend {_offload_backend(config)}")
+    return " and ".join(found)
+
+
+def _checkpoint_saves_conflict(
+    config: object, attention: AttentionOptions, compile_blocks: bool | None
+) -> tuple[str, str, str] | None:
+    """(the other setting, the rule, the fix) of the first combination no level but ``none`` works with."""
+    if attention.backend == "xformers":
+        return (
+            "attention_implementation xformers",
+            "the levels keep the outputs of PyTorch's SDPA ops and the block-sparse kernels; xFormers' ops are "
+            "not among them, so attention would be recomputed anyway",
+            'use attention_implementation "auto" or "sdpa", or longcat_checkpoint_saves "none"',
+        )
+    if compile_blocks is not True:
+        # Eager, or longcat_compile_blocks auto: compile_blocks_for keeps such a run eager.
+        return None
+    if _offload_backend(config):
+        return (
+            f"longcat_compile_blocks and gradient_checkpointing_backend {_offload_backend(config)}",
+            "a compiled block keeps its saves inside the compiled region, where the host's offload hooks cannot run",
+            "set longcat_checkpoint_saves to none, or use gradient_checkpointing_backend torch, or leave "
+            "longcat_compile_blocks out",
+        )
+    if int(getattr(config, "musubi_blocks_to_swap", 0) or 0) > 0:
+        return (
+            "longcat_compile_blocks and musubi_blocks_to_swap",
+            "block swap moves a block's weights in module hooks, which split a compiled checkpoint region "
+            "(the swapped blocks would run uncompiled)",
+            "set longcat_checkpoint_saves to none, or leave block swap or longcat_compile_blocks out",
+        )
+    return None
+
+
+def check_checkpoint_interval_config(config: object) -> None:
+    """``gradient_checkpointing_interval`` > 1 cannot be combined with block swap (refused before loading)."""
+    raw = getattr(config, "gradient_checkpointing_interval", None)
+    interval = None if raw in (None, "", "None") else int(raw)
+    if interval is None or interval <= 1 or not int(getattr(config, "musubi_blocks_to_swap", 0) or 0):
+        return
+    raise LongCatVideoError(
+        where="gradient_checkpointing_interval",
+        value=f"{interval} with musubi_blocks_to_swap {config.musubi_blocks_to_swap}",
+        rule="block swap streams one block at a time, and a checkpoint of several blocks recomputes them together",
+        fix="leave gradient_checkpointing_interval unset with block swap (or turn block swap off)",
+    )
 
 
 def _dit_config_value(path: str | None, key: str, default: int) -> int:
