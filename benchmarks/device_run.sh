@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels (diffusers, peft, this package),
 # then run the block-sparse correctness script and the benchmarks. Output tables land in $OUT.
-# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dit|pipeline|train|multi|validation|sampling|all] [train rows | multi modes | script arguments]
+# Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dense|dit|pipeline|train|multi|validation|sampling|all] [train rows | multi modes | script arguments]
 # The full-size host run: bash benchmarks/device_run.sh full-1 | full-2 | full-3 | full-4 | full-poll [seconds] (see device_full.sh).
 # `multi` needs the nvidia-h200-x2 kind (two GPUs of one host).
 set -uo pipefail
@@ -20,6 +20,9 @@ status=0
 if [[ $what == bsa || $what == all ]]; then
     python3 "$repo/benchmarks/gpu_check_bsa.py" 2>&1 | tee "$OUT/gpu_check_bsa.txt" || status=1
     python3 "$repo/benchmarks/bsa.py" 2>&1 | tee "$OUT/bsa.txt" || status=1
+fi
+if [[ $what == dense || $what == all ]]; then
+    python3 "$repo/benchmarks/gpu_check_dense.py" 2>&1 | tee "$OUT/gpu_check_dense.txt" || status=1
 fi
 if [[ $what == dit || $what == all ]]; then
     python3 "$repo/benchmarks/dit_step.py" 2>&1 | tee "$OUT/dit_step.txt" || status=1

@@ -301,3 +301,31 @@ def test_cross_attention_fully_masked_row_has_finite_gradients():
         assert torch.isfinite(t.grad).all()
     with pytest.raises(ValueError, match="does not match keys"):
         dispatch_cross_attention(q, k, v, mask[:, :4])
+
+
+def test_dense_attention_asks_for_cudnn_first_and_compiles_in_one_graph(monkeypatch):
+    """Every dense call of the seam (self- and cross-attention) runs under cuDNN-first priority;
+    PyTorch's own order (flash first, cuDNN last) is back after the call; a compiled call is one graph."""
+    cudnn = int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+    default_order = torch._C._get_sdp_priority_order()
+    assert default_order[0] != cudnn  # the premise: PyTorch alone would not try cuDNN first
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order()[0])
+        return sdpa(*args, **kwargs)
+
+    q, k, v = qkv(seq=12)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    grid = (3, 2, 2)
+    attention.sdpa_backend(q, k, v, q_grid=grid, kv_grid=grid, options=AttentionOptions())
+    dispatch_cross_attention(q, k[:, :, :5], v[:, :, :5], torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]))
+    dispatch_cross_attention(q, k, v)
+    assert seen == [cudnn] * 3
+    assert torch._C._get_sdp_priority_order() == default_order
+    monkeypatch.undo()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention.dense_attention, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), sdpa(q, k, v))
