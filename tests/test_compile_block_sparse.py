@@ -26,6 +26,7 @@ import time
 
 import pytest
 import torch
+from _tiny_dit import TINY, i2v_batch, i2v_loss, lora_dit, take_lora_grads
 from test_kernels_block_sparse import interpreted_worker_report
 
 # Float32 throughout. aot_eager runs the eager kernels op by op, so only the order of LoRA sums may
@@ -33,7 +34,6 @@ from test_kernels_block_sparse import interpreted_worker_report
 AOT_EAGER_RTOL = 1e-5
 INDUCTOR_RTOL = 1e-4
 
-TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=32)
 # Latent grid 3x8x8 -> tokens 3x4x4; one condition frame, so the noisy queries (2 frames) run block-sparse
 # over 3 key blocks of (1, 4, 4), keeping 1 (the condition frame's single-frame call goes to SDPA).
 OPTIONS = dict(backend="block_sparse", sparsity=0.5, chunk=(1, 4, 4))
@@ -85,30 +85,17 @@ def _ops_in(graph) -> list[str]:
 
 
 def _dit(backend: str = "block_sparse"):
-    from peft import LoraConfig
-
-    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
-
-    torch.manual_seed(0)
-    model = LongCatVideoTransformer3DModel(**TINY)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGET_MODULES), init_lora_weights=False))
+    model = lora_dit()
     model.set_attention_options(**{**OPTIONS, "backend": backend})
     return model
 
 
 def _dit_step(model) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 16, 3, 8, 8, generator=gen).requires_grad_()
-    timesteps = torch.tensor([[0.0, 700.0, 700.0]])
-    text = torch.randn(1, 1, 6, 32, generator=gen)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    target = torch.randn(1, 16, 2, 8, 8, generator=gen)
-    out = model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0]
-    torch.nn.functional.mse_loss(out[:, :, 1:], target).backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return {"out": out.detach(), "latents.grad": latents.grad, **grads}
+    latents, *rest = i2v_batch()
+    latents.requires_grad_()
+    out, loss = i2v_loss(model, (latents, *rest))
+    loss.backward()
+    return {"out": out.detach(), "latents.grad": latents.grad, **take_lora_grads(model)}
 
 
 @torch.no_grad()

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_dit import TINY
 
 from simpletuner_longcat_video.core import attention
 from simpletuner_longcat_video.core import transformer as transformer_module
 from simpletuner_longcat_video.core.transformer import LongCatVideoTransformer3DModel
 from simpletuner_longcat_video.errors import LongCatVideoError
 
-TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=32)
 # Float32 rounding: the cache pass runs the condition tokens at batch 1 in their own matmuls.
 RTOL = 1e-5
 # A cache made wrong moves the prediction by orders of magnitude more.

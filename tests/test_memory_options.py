@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _tiny_dit import TINY, i2v_batch, i2v_loss, lora_dit, take_lora_grads
 from peft import LoraConfig
 
 from simpletuner_longcat_video.core.transformer import (
@@ -27,35 +28,17 @@ from simpletuner_longcat_video.host.settings import (
     read_settings,
 )
 
-TINY = dict(hidden_size=64, depth=4, num_heads=4, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=32)
+DEPTH = 4  # block swap streams the last blocks: enough blocks to keep some resident
 
 
 def _model(seed: int = 0) -> LongCatVideoTransformer3DModel:
-    torch.manual_seed(seed)
-    model = LongCatVideoTransformer3DModel(**TINY)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGET_MODULES), init_lora_weights=False))
-    return model
-
-
-def _inputs(seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 16, 3, 8, 8, generator=gen)
-    timesteps = torch.tensor([[0.0, 700.0, 700.0]])
-    text = torch.randn(1, 1, 6, 32, generator=gen)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    target = torch.randn(1, 16, 2, 8, 8, generator=gen)
-    return latents, timesteps, text, mask, target
+    return lora_dit(seed, depth=DEPTH)
 
 
 def _step(model: LongCatVideoTransformer3DModel, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    latents, timesteps, text, mask, target = inputs
-    out = model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0]
-    loss = torch.nn.functional.mse_loss(out[:, :, 1:], target)
+    out, loss = i2v_loss(model, inputs)
     loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
+    return out.detach(), take_lora_grads(model)
 
 
 class _RecordingSwap:
@@ -79,7 +62,7 @@ class _RecordingSwap:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_block_swap_streams_the_last_blocks_and_changes_nothing(checkpointing):
-    inputs = _inputs()
+    inputs = i2v_batch()
     plain = _model()
     swapped = _model()
     if checkpointing:
@@ -176,7 +159,7 @@ def test_int8_quanto_base_with_lora_trains_and_keeps_fp32_layers():
     from optimum.quanto import QLinear, QTensor
 
     torch.manual_seed(0)
-    model = LongCatVideoTransformer3DModel(**TINY)
+    model = LongCatVideoTransformer3DModel(**{**TINY, "depth": DEPTH})
     model.requires_grad_(False)
     model = _host_quantise(model, "int8-quanto")
 
@@ -193,12 +176,11 @@ def test_int8_quanto_base_with_lora_trains_and_keeps_fp32_layers():
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
 
-    latents, timesteps, text, mask, target = _inputs()
+    batch = i2v_batch()
     optimizer = torch.optim.AdamW(lora, lr=3e-3)
     losses = []
     for _ in range(8):
-        out = model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(out[:, :, 1:], target)
+        _, loss = i2v_loss(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -211,7 +193,7 @@ def test_int8_quanto_base_with_lora_trains_and_keeps_fp32_layers():
 
 
 def test_unsloth_checkpointing_backend_gives_the_same_gradients():
-    inputs = _inputs()
+    inputs = i2v_batch()
     reference = _model()
     reference.enable_gradient_checkpointing()
     offloaded = _model()
@@ -227,7 +209,7 @@ def test_unsloth_checkpointing_backend_gives_the_same_gradients():
 
 
 def test_compiled_blocks_give_the_same_step(caplog):
-    inputs = _inputs()
+    inputs = i2v_batch()
     eager, compiled = _model(), _model()
     for model in (eager, compiled):
         model.enable_gradient_checkpointing()

@@ -22,9 +22,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _tiny_dit import TINY, i2v_batch, i2v_loss, lora_dit, take_lora_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
-TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=32)
 HIDDEN, FFN = 64, 256  # the tiny DiT's FFN width: 2/3 of 4 * 64, rounded up to 256
 TEXT_TOKENS = 4  # valid prompt tokens in _inputs (padding is dropped before cross-attention)
 LEVELS = ("none", "attention", "attention+proj", "attention+ffn")
@@ -88,14 +88,7 @@ class Executions(TorchDispatchMode):
 
 
 def _model(level: str | None, backend: str = "sdpa", depth: int = TINY["depth"]):
-    from peft import LoraConfig
-
-    from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
-
-    torch.manual_seed(0)
-    model = LongCatVideoTransformer3DModel(**{**TINY, "depth": depth})
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGET_MODULES), init_lora_weights=False))
+    model = lora_dit(depth=depth)
     model.set_attention_options(**{**BSA_OPTIONS, "backend": backend})
     if level is not None:
         model.enable_gradient_checkpointing()
@@ -123,14 +116,9 @@ def _step(model, launches: _Launches | None = None) -> tuple[dict[str, torch.Ten
     """Loss, output and gradients of one I2V step, and what its backward executed: the forward ops
     (``Executions``), or with ``launches`` the block-sparse forward kernel launches before and in it."""
     before = launches.forward if launches is not None else 0
-    gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 16, 3, 8, 8, generator=gen).requires_grad_()
-    timesteps = torch.tensor([[0.0, 700.0, 700.0]])
-    text = torch.randn(1, 1, 6, 32, generator=gen)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    target = torch.randn(1, 16, 2, 8, 8, generator=gen)
-    out = model(latents, timesteps, text, mask, num_cond_latents=1, return_dict=False)[0]
-    loss = torch.nn.functional.mse_loss(out[:, :, 1:], target)
+    latents, *rest = i2v_batch()
+    latents.requires_grad_()
+    out, loss = i2v_loss(model, (latents, *rest))
     if launches is None:
         executions = Executions()
         with executions:
@@ -140,9 +128,7 @@ def _step(model, launches: _Launches | None = None) -> tuple[dict[str, torch.Ten
         in_forward = launches.forward - before
         loss.backward()
         counts = {"forward": in_forward, "backward": launches.forward - before - in_forward}
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return {"loss": loss.detach(), "out": out.detach(), "latents.grad": latents.grad, **grads}, counts
+    return {"loss": loss.detach(), "out": out.detach(), "latents.grad": latents.grad, **take_lora_grads(model)}, counts
 
 
 def _recomputed(counts: collections.Counter, baseline: collections.Counter, depth: int) -> dict[str, float]:
