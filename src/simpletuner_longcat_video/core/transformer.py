@@ -948,21 +948,18 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _run_checkpointed(self, indices: range, *args: Any) -> torch.Tensor:
         blocks = [self.blocks[i] for i in indices]
         function = blocks[0] if len(blocks) == 1 else functools.partial(run_blocks, blocks)
-        offload = self._checkpoint_backend == "unsloth"
-        if self._checkpoint_saves == "none":
-            if offload:
-                offloaded_checkpoint = self._trainer_part("offloaded_checkpoint", "gradient_checkpointing_backend")
-                return offloaded_checkpoint(function, *args, use_reentrant=False)
-            return self._gradient_checkpointing_func(function, *args)
-        policy = SavePolicy(self._checkpoint_saves, self.config.hidden_size, self.blocks[0].ffn.inner_dim)
-        if self._compile_options is not None:
-            return self._compiled_checkpoint(indices, policy)(*args)
-        if offload:
+        kept: dict[str, Any] = {}  # the checkpoint's context_fn when the level keeps something
+        if self._checkpoint_saves != "none":
+            policy = SavePolicy(self._checkpoint_saves, self.config.hidden_size, self.blocks[0].ffn.inner_dim)
+            if self._compile_options is not None:
+                return self._compiled_checkpoint(indices, policy)(*args)
+            kept["context_fn"] = context_fn_for(policy)
+        if self._checkpoint_backend == "unsloth":
             offloaded_checkpoint = self._trainer_part("offloaded_checkpoint", "gradient_checkpointing_backend")
-            return offloaded_checkpoint(function, *args, use_reentrant=False, context_fn=context_fn_for(policy))
-        return torch.utils.checkpoint.checkpoint(
-            function, *args, use_reentrant=False, context_fn=context_fn_for(policy)
-        )
+            return offloaded_checkpoint(function, *args, use_reentrant=False, **kept)
+        if kept:
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kept)
+        return self._gradient_checkpointing_func(function, *args)
 
     def _compiled_checkpoint(self, indices: range, policy: SavePolicy) -> CompiledCheckpoint:
         if self._checkpoint_backend == "unsloth":
