@@ -44,6 +44,14 @@ UI_KEYS = {"attention_implementation": "sdpa", "longcat_bsa_sparsity": 0.5}
 demo = load_demo()
 
 
+def _read_json_when_written(path: Path) -> dict | None:
+    """The JSON in ``path``, or None while the server is still writing it (the file exists but is empty or partial)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def _wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -246,7 +254,7 @@ def _drive_ui(page, expect, server, log, seen: dict, folders: dict, start_frame:
     page.locator("#confirmSaveConfigButton").click()
     config_path = configs / ENVIRONMENT / "config.json"
     seen["saved_config"] = _wait_for(
-        lambda: (config := json.loads(config_path.read_text())).get("validation_input") and config,
+        lambda: (config := _read_json_when_written(config_path)) and config.get("validation_input") and config,
         60,
         "the saved validation_input",
     )
