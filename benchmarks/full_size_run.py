@@ -109,11 +109,19 @@ MAIN = {
     "disable_benchmark": True,
 }
 RECIPES = {
+    "default": {},  # the quickstart's config as shipped (compiled blocks, attention saves, the allocator default)
     "swap8": {"musubi_blocks_to_swap": 8},
     "int8-quanto": {"base_model_precision": "int8-quanto"},
     "lowest": {
         "base_model_precision": "int8-quanto",
         "musubi_blocks_to_swap": 24,
+        "gradient_checkpointing_backend": "unsloth",
+    },
+    # An attempt at a 24 GB card: all but 4 blocks streamed, int8 weights, activations offloaded.
+    "lowest-24": {
+        "base_model_precision": "int8-quanto",
+        "quantize_via": "cpu",  # the host's option: quantised on the CPU, the bf16 DiT never on the GPU
+        "musubi_blocks_to_swap": 44,
         "gradient_checkpointing_backend": "unsloth",
     },
     # The 40-step 832x480x93 validation video alone: the host's base-model benchmark renders it

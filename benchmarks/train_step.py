@@ -95,6 +95,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks every code path, times nothing)")
     p.add_argument("--profile", default="", help="comma list of rows: after ours/<row>, profile one step")
+    p.add_argument(
+        "--autocast",
+        action="store_true",
+        help="run the forward under bf16 autocast, as the host's accelerate mixed precision does",
+    )
     p.add_argument("--ceiling-tflops", type=float, default=670.0, help="measured bf16 matmul ceiling")
     return p.parse_args()
 
@@ -210,8 +215,12 @@ def make_inputs(shape: Shape, config: dict, device: torch.device, dtype: torch.d
     return latents, target, timesteps, text, mask
 
 
+AUTOCAST = False  # --autocast
+
+
 def train_step(model, latents, target, timesteps, text, mask, ncl: int) -> float:
-    out = model(latents, timesteps, text, mask, num_cond_latents=ncl, return_dict=False)[0]
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+        out = model(latents, timesteps, text, mask, num_cond_latents=ncl, return_dict=False)[0]
     loss = F.mse_loss(out[:, :, ncl:].float(), target[:, :, ncl:])
     loss.backward()
     for p in model.parameters():
@@ -366,6 +375,8 @@ def print_table(results: list[dict]) -> None:
 
 def main() -> None:
     args = parse_args()
+    global AUTOCAST
+    AUTOCAST = args.autocast
     names = list(ROWS) if args.rows == "all" else args.rows.split(",")
     unknown = [n for n in names if n not in ROWS]
     if unknown:

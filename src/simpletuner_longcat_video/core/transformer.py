@@ -20,6 +20,7 @@ condition_cache=)`` then runs the blocks on the noisy frames only. All attention
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -77,21 +78,19 @@ LORA_TARGET_MODULES: tuple[str, ...] = (
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class _AutocastOff:
-    """Leaves any surrounding autocast region for float32 work (a no-op outside one)."""
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
-    def __init__(self, device_type: str) -> None:
-        self.ctx = None
-        if device_type in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(device_type):
-            self.ctx = torch.autocast(device_type=device_type, enabled=False)
 
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Leaves any surrounding autocast region for float32 work (a no-op outside one).
 
-    def __exit__(self, *exc: object) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    A plain ``torch.autocast(enabled=False)`` in a ``with`` statement, which Dynamo traces into the
+    compiled block: entering an autocast object by hand splits the graph at every float32 layer
+    (the host trains under accelerate's bf16 autocast; ``tests/test_compile_autocast.py``).
+    """
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class FP32Linear(nn.Module):
@@ -121,7 +120,7 @@ class FP32Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
-        with _AutocastOff(x.device.type):
+        with _autocast_off(x.device.type):
             return F.linear(x.float(), self.weight.float(), bias)
 
     def extra_repr(self) -> str:
@@ -134,7 +133,7 @@ class FP32LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        with _AutocastOff(x.device.type):
+        with _autocast_off(x.device.type):
             return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 

@@ -30,6 +30,7 @@ from simpletuner_longcat_video.core.conditioning import (
     apply_i2v_condition,
     drop_condition_frames,
 )
+from simpletuner_longcat_video.core.cuda_memory import prefer_expandable_segments
 from simpletuner_longcat_video.core.pipeline import LongCatVideoPipeline, normalize_latents
 from simpletuner_longcat_video.core.text import encode_prompts
 from simpletuner_longcat_video.core.transformer import (
@@ -110,6 +111,8 @@ class LongCatVideo(VideoModelFoundation):
         return spec.NUM_BLOCKS - 1
 
     def setup_model_flavour(self) -> None:
+        # First of the family's hooks, before any weight or activation is on the GPU.
+        logger.info("LongCat-Video CUDA allocator: %s", prefer_expandable_segments())
         check_flavour(self.config)
         apply_flow_shift_default(self.config)
         super().setup_model_flavour()
