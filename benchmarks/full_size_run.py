@@ -40,35 +40,14 @@ import threading
 import time
 from pathlib import Path
 
+from simpletuner_longcat_video import spec
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 PROBE = Path(__file__).resolve().parent / "phase_probe"
 
 # The official dit/config.json of meituan-longcat/LongCat-Video (its values, as published).
-OFFICIAL_DIT_CONFIG = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "hidden_size": 4096,
-    "depth": 48,
-    "num_heads": 32,
-    "caption_channels": 4096,
-    "mlp_ratio": 4,
-    "adaln_tembed_dim": 512,
-    "frequency_embedding_size": 256,
-    "patch_size": [1, 2, 2],
-    "enable_flashattn3": False,
-    "enable_flashattn2": True,
-    "enable_xformers": False,
-    "enable_bsa": False,
-    "bsa_params": {
-        "sparsity": 0.9375,
-        "cdf_threshold": None,
-        "chunk_3d_shape_q": [4, 4, 4],
-        "chunk_3d_shape_k": [4, 4, 4],
-    },
-    "cp_split_hw": [1, 1],
-    "text_tokens_zero_pad": True,
-}
+OFFICIAL_DIT_CONFIG = spec.OFFICIAL_DIT_CONFIG
 # google/umt5-xxl's encoder (the official text_encoder/ is UMT5EncoderModel with these values).
 UMT5_XXL_CONFIG = {
     "vocab_size": 256384,

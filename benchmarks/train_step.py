@@ -64,6 +64,7 @@ except ImportError:  # running from a checkout without installing it
     from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 # Block swap and the "unsloth" checkpoint run through SimpleTuner's own code, which the family hands the DiT.
 import simpletuner_longcat_video.host.family  # noqa: E402, F401
+from simpletuner_longcat_video import spec  # noqa: E402
 
 ROWS: dict[str, dict] = {
     "plain": {},
@@ -240,17 +241,8 @@ def full_config(tiny: bool) -> dict:
 
 def architecture(tiny: bool) -> dict:
     # count_flops needs the architecture numbers; both models share the official ones.
-    cfg = dict(
-        in_channels=16,
-        out_channels=16,
-        hidden_size=4096,
-        depth=48,
-        num_heads=32,
-        caption_channels=4096,
-        mlp_ratio=4,
-        adaln_tembed_dim=512,
-        frequency_embedding_size=256,
-    )
+    official = spec.OFFICIAL_DIT_CONFIG
+    cfg = {key: value for key, value in official.items() if type(value) is int}  # the numbers, no switches
     if tiny:
         cfg.update(TINY)
     return cfg

@@ -138,22 +138,6 @@ def test_command_errors_are_named(trained, tmp_path, distill_checkpoint):
 # ------------------------------------------------------------------------------ validation previews
 
 
-def test_host_parser_accepts_the_preview_key():
-    from simpletuner.helpers.configuration import cmd_args
-
-    required = [
-        "--model_family=longcat_video",
-        "--output_dir=out",
-        "--model_type=lora",
-        "--optimizer=adamw_bf16",
-        "--data_backend_config=backends.json",
-    ]
-    parser = cmd_args.get_argument_parser()
-    args, unknown = parser.parse_known_args([*required, "--longcat_validation_distill_lora=/ckpt/lora/x.safetensors"])
-    assert unknown == [] and args.longcat_validation_distill_lora == "/ckpt/lora/x.safetensors"
-    assert parser.parse_known_args(required)[0].longcat_validation_distill_lora is None
-
-
 def preview_family(pipeline, path: Path | None):
     """Our family class with just the state its preview hooks read (the host builds the rest)."""
     from simpletuner_longcat_video.host.family import LongCatVideo

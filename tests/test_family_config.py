@@ -95,6 +95,11 @@ def test_host_parser_carries_plugin_keys():
         parser.parse_args([*required, "--attention_implementation=flash"])
     with pytest.raises((SystemExit, argparse.ArgumentError)):
         parser.parse_args([*required, "--longcat_compile_blocks=yes"])
+    preview, unknown = parser.parse_known_args(
+        [*required, "--longcat_validation_distill_lora=/ckpt/lora/x.safetensors"]
+    )
+    assert unknown == [] and preview.longcat_validation_distill_lora == "/ckpt/lora/x.safetensors"
+    assert args.longcat_validation_distill_lora is None
 
 
 def test_plugin_keys_are_fields_of_the_host_registry():

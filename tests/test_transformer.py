@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from simpletuner_longcat_video import spec
 from simpletuner_longcat_video.core.attention import AttentionOptions
 from simpletuner_longcat_video.core.transformer import LORA_TARGET_MODULES, LongCatVideoTransformer3DModel
 from simpletuner_longcat_video.errors import LongCatVideoError
@@ -33,34 +34,8 @@ TINY = dict(
     frequency_embedding_size=32,
 )
 
-# A dit/config.json with every field upstream's model __init__ takes (the names the official
-# file uses). Architecture values are the published ones; text_tokens_zero_pad=true is what
-# third-party copies of the published file show; bsa_params is an example, not the official value.
-OFFICIAL_CONFIG = {
-    "_class_name": "LongCatVideoTransformer3DModel",
-    "in_channels": 16,
-    "out_channels": 16,
-    "hidden_size": 4096,
-    "depth": 48,
-    "num_heads": 32,
-    "caption_channels": 4096,
-    "mlp_ratio": 4,
-    "adaln_tembed_dim": 512,
-    "frequency_embedding_size": 256,
-    "patch_size": [1, 2, 2],
-    "enable_flashattn3": False,
-    "enable_flashattn2": True,
-    "enable_xformers": False,
-    "enable_bsa": False,
-    "bsa_params": {
-        "sparsity": 0.9375,
-        "cdf_threshold": None,
-        "chunk_3d_shape_q": [4, 4, 4],
-        "chunk_3d_shape_k": [4, 4, 4],
-    },
-    "cp_split_hw": [1, 1],
-    "text_tokens_zero_pad": True,
-}
+# A dit/config.json with every field upstream's model __init__ takes (the names the official file uses).
+OFFICIAL_CONFIG = {"_class_name": "LongCatVideoTransformer3DModel", **spec.OFFICIAL_DIT_CONFIG}
 
 
 def seeded_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

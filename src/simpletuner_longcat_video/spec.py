@@ -46,6 +46,35 @@ VAE_TEMPORAL_COMPRESSION = 4
 NUM_BLOCKS = 48
 NUM_HEADS = 32
 
+# meituan-longcat/LongCat-Video's dit/config.json, as published: the architecture values and
+# upstream's run-time switches (which core.transformer accepts on load and drops). Used where a
+# full-size or official-layout checkpoint is built (benchmarks, tests); text_tokens_zero_pad=true is
+# what copies of the published file show, bsa_params an example.
+OFFICIAL_DIT_CONFIG: dict = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "hidden_size": 4096,
+    "depth": NUM_BLOCKS,
+    "num_heads": NUM_HEADS,
+    "caption_channels": 4096,
+    "mlp_ratio": 4,
+    "adaln_tembed_dim": 512,
+    "frequency_embedding_size": 256,
+    "patch_size": [1, 2, 2],
+    "enable_flashattn3": False,
+    "enable_flashattn2": True,
+    "enable_xformers": False,
+    "enable_bsa": False,
+    "bsa_params": {
+        "sparsity": 0.9375,
+        "cdf_threshold": None,
+        "chunk_3d_shape_q": [4, 4, 4],
+        "chunk_3d_shape_k": [4, 4, 4],
+    },
+    "cp_split_hw": [1, 1],
+    "text_tokens_zero_pad": True,
+}
+
 # Data rules. Every edge must divide by 16 (VAE 8x, patch 2). Bucket grids the host offers that
 # keep that: 16, 32, 64. The default is 16: LongCat-Video's 480p is 832x480 and 480 is not a
 # multiple of 64 (on the 64 px grid a 832x480 clip becomes 832x512).
