@@ -63,7 +63,6 @@ import demo  # noqa: E402
 #    save_hooks.py): the shim writes those PEFT weights, prefixed ``transformer.`` as the pipeline's
 #    own ``load_lora_weights`` reads them, to ``pytorch_lora_weights.safetensors``.
 SHIM = """\
-import importlib.abc
 import json
 import os
 import sys
@@ -110,28 +109,9 @@ _PATCHES = {
 }
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name not in _PATCHES:
-            return None
-        for finder in sys.meta_path:
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
-        else:
-            return None
-        exec_module = spec.loader.exec_module
+from simpletuner_longcat_video._autoload import AfterImport
 
-        def run(module):
-            exec_module(module)
-            _PATCHES[name](module)
-
-        spec.loader.exec_module = run
-        return spec
-
-
-sys.meta_path.insert(0, _AfterImport())
+sys.meta_path.insert(0, AfterImport(_PATCHES))
 """
 
 # Words of the tiny Qwen tokenizer: the learning caption's.

@@ -82,28 +82,6 @@ def _instrument(module) -> None:
         _wrap(getattr(module, owner_name), attribute, event)
 
 
-class _Watcher:
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in TARGETS:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_instrument(module):
-            exec_module(module)
-            _instrument(module)
-
-        spec.loader.exec_module = exec_and_instrument
-        return spec
-
-
 def _chain_next_sitecustomize() -> None:
     # This file shadows any sitecustomize of the interpreter's own; run that one too.
     import importlib.util
@@ -121,7 +99,9 @@ def _chain_next_sitecustomize() -> None:
 
 _chain_next_sitecustomize()
 if PATH:
-    sys.meta_path.insert(0, _Watcher())
+    from simpletuner_longcat_video._autoload import AfterImport
+
+    sys.meta_path.insert(0, AfterImport(dict.fromkeys(TARGETS, _instrument)))
     record("process_start", argv=sys.argv[:3])
     import atexit
 

@@ -28,11 +28,20 @@ HOOKS = {
 _fired: set = set()
 
 
-class HostModuleWatcher:
-    """Finds nothing itself; wraps the host's own loaders for the hooked modules."""
+class AfterImport:
+    """A meta-path finder that finds nothing itself: it wraps the real loader of each module named
+    in ``hooks`` so that ``hooks[name](module)`` runs once, right after that module has executed.
+
+    A spec can be asked for and never used (``importlib.util.find_spec``), so a hook is spent only
+    when its module executes; the finder leaves ``sys.meta_path`` once every hook is spent. Also
+    the mechanism of the repository's test and benchmark start-up hooks (``sitecustomize`` files).
+    """
+
+    def __init__(self, hooks: dict) -> None:
+        self.hooks = dict(hooks)
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in HOOKS or fullname in _fired:
+        if fullname not in self.hooks:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -49,10 +58,21 @@ class HostModuleWatcher:
 
         def exec_module(module):
             original_exec(module)
-            on_module_loaded(module)
+            hook = self.hooks.pop(module.__name__, None)
+            if not self.hooks and self in sys.meta_path:
+                sys.meta_path.remove(self)
+            if hook is not None:
+                hook(module)
 
         loader.exec_module = exec_module
         return spec
+
+
+class HostModuleWatcher(AfterImport):
+    """The plugin's own finder: each host module of :data:`HOOKS` not yet seen -> :func:`on_module_loaded`."""
+
+    def __init__(self) -> None:
+        super().__init__({name: on_module_loaded for name in HOOKS if name not in _fired})
 
 
 def on_module_loaded(module) -> None:

@@ -172,31 +172,7 @@ if PAUSES and PAUSE_DIR:
     TARGETS[family] = _both(TARGETS[family], _pause_saves) if family in TARGETS else _pause_saves
 
 
-class _Watcher:
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in TARGETS:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        exec_module = spec.loader.exec_module
-
-        # A spec can be asked for and never used (the plugin resolves entry-point modules with
-        # importlib.util.find_spec), so the target is done only once its module has executed.
-        def exec_and_inject(module):
-            exec_module(module)
-            TARGETS.pop(fullname)(module)
-            if not TARGETS and self in sys.meta_path:
-                sys.meta_path.remove(self)
-
-        spec.loader.exec_module = exec_and_inject
-        return spec
-
-
 if TARGETS:
-    sys.meta_path.insert(0, _Watcher())
+    from simpletuner_longcat_video._autoload import AfterImport
+
+    sys.meta_path.insert(0, AfterImport(TARGETS))
