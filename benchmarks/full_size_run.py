@@ -40,14 +40,10 @@ import threading
 import time
 from pathlib import Path
 
-from simpletuner_longcat_video import spec
-
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 PROBE = Path(__file__).resolve().parent / "phase_probe"
 
-# The official dit/config.json of meituan-longcat/LongCat-Video (its values, as published).
-OFFICIAL_DIT_CONFIG = spec.OFFICIAL_DIT_CONFIG
 # google/umt5-xxl's encoder (the official text_encoder/ is UMT5EncoderModel with these values).
 UMT5_XXL_CONFIG = {
     "vocab_size": 256384,
@@ -155,12 +151,12 @@ def build_full_checkpoint(root: Path) -> Path:
 
     start = time.monotonic()
     with torch.device("meta"):
-        dit = LongCatVideoTransformer3DModel.from_config(OFFICIAL_DIT_CONFIG)
+        dit = LongCatVideoTransformer3DModel.from_config(spec.OFFICIAL_DIT_CONFIG)
     _fill_random(dit, device, torch.bfloat16)
     dit.save_pretrained(root / spec.DIT_SUBFOLDER, max_shard_size="10GB", safe_serialization=True)
     # The model's config is architecture only; the checkpoint keeps the official file, switches included.
     config_file = root / spec.DIT_SUBFOLDER / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **OFFICIAL_DIT_CONFIG}, indent=2))
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **spec.OFFICIAL_DIT_CONFIG}, indent=2))
     timings["dit_s"] = time.monotonic() - start
     del dit
     torch.cuda.empty_cache() if device == "cuda" else None

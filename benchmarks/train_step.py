@@ -216,11 +216,8 @@ def make_inputs(shape: Shape, config: dict, device: torch.device, dtype: torch.d
     return latents, target, timesteps, text, mask
 
 
-AUTOCAST = False  # --autocast
-
-
-def train_step(model, latents, target, timesteps, text, mask, ncl: int) -> float:
-    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+def train_step(model, latents, target, timesteps, text, mask, ncl: int, autocast: bool = False) -> float:
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(latents, timesteps, text, mask, num_cond_latents=ncl, return_dict=False)[0]
     loss = F.mse_loss(out[:, :, ncl:].float(), target[:, :, ncl:])
     loss.backward()
@@ -280,12 +277,12 @@ def run_row(name: str, which: str, args: argparse.Namespace, device, dtype) -> d
     inputs = make_inputs(shape, architecture(args.tiny), device, dtype)
     try:
         with Timer(device) as timer:
-            result["loss_first"] = train_step(model, *inputs, ncl)  # warm-up (compiles, autotunes)
+            result["loss_first"] = train_step(model, *inputs, ncl, args.autocast)  # warm-up (compiles, autotunes)
         result["first_step_s"] = timer.seconds
         times, loss = [], None
         for _ in range(args.steps):
             with Timer(device) as timer:
-                loss = train_step(model, *inputs, ncl)
+                loss = train_step(model, *inputs, ncl, args.autocast)
             times.append(timer.seconds)
         result["step_times_s"] = times
         result["step_s"] = statistics.median(times)
@@ -299,7 +296,7 @@ def run_row(name: str, which: str, args: argparse.Namespace, device, dtype) -> d
         result["mfu_ceiling"] = result["tflops"] / args.ceiling_tflops
         result["flops_note"] = "dense-equivalent" if row.get("bsa") else "dense"
         if which == "ours" and name in args.profile.split(","):
-            result["profile"] = profile_step(model, inputs, ncl, device)
+            result["profile"] = profile_step(model, inputs, ncl, device, args.autocast)
         if which == "builtin" and row.get("bsa"):
             failed = any(getattr(b.attn, "_bsa_attention_failed", False) for b in model.blocks)
             loaded = any(getattr(b.attn, "_bsa_attention", None) is not None for b in model.blocks)
@@ -320,13 +317,13 @@ KERNEL_GROUPS = (
 )
 
 
-def profile_step(model, inputs, ncl: int, device: torch.device) -> dict:
+def profile_step(model, inputs, ncl: int, device: torch.device, autocast: bool) -> dict:
     """One step under the torch profiler: GPU time by kernel group and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        train_step(model, *inputs, ncl)
+        train_step(model, *inputs, ncl, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -367,8 +364,6 @@ def print_table(results: list[dict]) -> None:
 
 def main() -> None:
     args = parse_args()
-    global AUTOCAST
-    AUTOCAST = args.autocast
     names = list(ROWS) if args.rows == "all" else args.rows.split(",")
     unknown = [n for n in names if n not in ROWS]
     if unknown:

@@ -77,8 +77,6 @@ class HostModuleWatcher(AfterImport):
 
 def on_module_loaded(module) -> None:
     _fired.add(module.__name__)
-    if _fired >= HOOKS.keys():
-        uninstall()
     try:
         from simpletuner_longcat_video.host import patches
 
@@ -101,10 +99,6 @@ def install() -> None:
             on_module_loaded(module)
     if not _fired >= HOOKS.keys():
         sys.meta_path.insert(0, HostModuleWatcher())
-
-
-def uninstall() -> None:
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, HostModuleWatcher)]
 
 
 install()
