@@ -284,23 +284,27 @@ def _bsa_delta_kernel(
 
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_LIST, Q_COUNT, REL_Q, REL_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_LIST, Q_COUNT, REL_Q, REL_K,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_db, stride_dh, stride_ds, stride_dd,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_aqb, stride_aqh, stride_aqs, stride_aqd,
     n_heads, qk_scale, sm_scale,
     t_q, t_k, H, W, nb_h, nb_w, n_k_blocks, list_width,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     Q_PARTIAL: tl.constexpr, K_PARTIAL: tl.constexpr, OFF64: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FUSE_DQ: tl.constexpr,
     N_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # One program owns a row block of a key chunk and walks the query tiles whose block selected
     # that chunk. Padding key rows get garbage dK/dV that is never stored; padding query rows load
     # q = dO = 0 and LSE = delta = 0, so they add exactly zero.
+    # FUSE_DQ: the step's dS also gives this key block's share of dQ (dS K), added with float32
+    # atomics into DQ_ACC. That is 5 matmuls per step in all, where the separate dQ kernel has to
+    # recompute QK^T and dO V^T (7); the price is atomic traffic and an order-dependent sum.
     CHUNK: tl.constexpr = CT * CH * CW
     BLOCK_N: tl.constexpr = CHUNK // N_SPLIT
     SUB: tl.constexpr = TILE // BLOCK_M
@@ -311,7 +315,7 @@ def _bsa_bwd_dkdv_kernel(
     k_block = pid_n // N_SPLIT
 
     offs_d = tl.arange(0, HEAD_DIM)
-    tok_n, valid_n, _ = _tile_rows(
+    tok_n, valid_n, padded_n = _tile_rows(
         k_block, (pid_n % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, CHUNK, K_PARTIAL
     )
     if OFF64:
@@ -326,6 +330,7 @@ def _bsa_bwd_dkdv_kernel(
         v = tl.load(v_ptrs)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_db + h * stride_dh
+    aq_base = DQ_ACC + b * stride_aqb + h * stride_aqh
     stats_base = bh * (t_q * H * W)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -360,6 +365,18 @@ def _bsa_bwd_dkdv_kernel(
         dp_t = _mma(v, tl.trans(do), DOT_PREC=DOT_PREC, UPCAST=UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
+        if FUSE_DQ:
+            # Padding key rows are zero, so they add nothing, unless exp2 of their score overflowed
+            # for a row with a very negative LSE (inf * 0 is NaN): their dS rows are cleared.
+            if K_PARTIAL:
+                if padded_n:
+                    ds_t = tl.where(valid_n[:, None], ds_t, 0.0)
+            dq = _mma(tl.trans(ds_t.to(k.dtype)), k, DOT_PREC=DOT_PREC, UPCAST=UPCAST) * sm_scale
+            aq_ptrs = aq_base + tok_m[:, None] * stride_aqs + offs_d[None, :] * stride_aqd
+            if Q_PARTIAL:
+                tl.atomic_add(aq_ptrs, dq, mask=valid_m[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(aq_ptrs, dq, sem="relaxed")
 
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + tok_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b * stride_dvb + h * stride_dvh + tok_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
@@ -461,10 +478,15 @@ def _bsa_bwd_dq_kernel(
 _PROGRAM_SPLIT = {"fwd": "M_SPLIT", "dkdv": "N_SPLIT", "dq": "M_SPLIT"}
 
 
-def _tuned(kernel: object, configs: list[triton.Config], program_split: str) -> object:
+def _tuned(name: str, kernel: object, configs: list[triton.Config]) -> object:
     key = ["CT", "CH", "CW", "TILE", "HEAD_DIM", "Q_PARTIAL", "K_PARTIAL"]
-    prune = {"early_config_prune": _pruner(program_split)}
-    return triton.autotune(configs, key=key, prune_configs_by=prune, **_AUTOTUNE_KW)(kernel)
+    extra = {}
+    if name == "dkdv":
+        # Tuning runs the kernel once per config: the atomic dQ accumulator is zeroed before each.
+        key.append("FUSE_DQ")
+        extra["reset_to_zero"] = ["DQ_ACC"]
+    prune = {"early_config_prune": _pruner(_PROGRAM_SPLIT[name])}
+    return triton.autotune(configs, key=key, prune_configs_by=prune, **extra, **_AUTOTUNE_KW)(kernel)
 
 
 _KERNELS = {
@@ -472,7 +494,7 @@ _KERNELS = {
     "dkdv": (_bsa_bwd_dkdv_kernel, DKDV_CONFIGS),
     "dq": (_bsa_bwd_dq_kernel, DQ_CONFIGS),
 }
-_TUNED = {name: _tuned(kernel, configs, _PROGRAM_SPLIT[name]) for name, (kernel, configs) in _KERNELS.items()}
+_TUNED = {name: _tuned(name, kernel, configs) for name, (kernel, configs) in _KERNELS.items()}
 
 
 def _launch(name: str, grid, *args: object, **constexprs: object) -> None:
@@ -599,6 +621,13 @@ def bsa_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def fused_dq_default() -> bool:
+    """Whether bsa_backward folds dQ into the dK/dV kernel (float32 atomics, order-dependent
+    sums): yes, unless torch's deterministic algorithms are on, where the separate dQ kernel
+    (two more matmuls per kept block, bit-for-bit repeatable) runs instead."""
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 def bsa_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -612,10 +641,17 @@ def bsa_backward(
     q_tile_count: torch.Tensor,
     plan: Plan,
     scale: float,
+    fuse_dq: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV (shaped and strided like q, k, v where those are dense) from the forward's LSE."""
+    """dQ, dK, dV (shaped and strided like q, k, v where those are dense) from the forward's LSE.
+
+    ``fuse_dq`` (default: ``fused_dq_default()``) picks one kernel with atomic dQ over the dK/dV
+    kernel followed by a dQ kernel."""
     b, n_heads, _, d = q.shape
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    fuse_dq = fused_dq_default() if fuse_dq is None else fuse_dq
+    dk, dv = _empty_like(k), _empty_like(v)
+    # The atomics need a zeroed float32 accumulator; the separate kernel writes dQ itself.
+    dq = torch.zeros_like(q, dtype=torch.float32) if fuse_dq else _empty_like(q)
     constexprs = plan.constexprs(q.dtype, d, q, k, v, do, dq, dk, dv)
 
     def grid_dkdv(meta: dict) -> tuple[int, int]:
@@ -623,12 +659,14 @@ def bsa_backward(
 
     _launch(
         "dkdv", grid_dkdv,
-        q, k, v, do, lse, delta, dk, dv, q_tiles, q_tile_count, plan.q_geo.rel, plan.k_geo.rel,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, do, lse, delta, dk, dv, dq, q_tiles, q_tile_count, plan.q_geo.rel, plan.k_geo.rel,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dq.stride(),
         n_heads, scale * LOG2E, scale,
         *plan.grid_args(), plan.k_layout.num_blocks, q_tiles.shape[-1],
-        **constexprs,
+        **constexprs, FUSE_DQ=fuse_dq,
     )  # fmt: skip
+    if fuse_dq:
+        return dq.to(q.dtype), dk, dv
 
     def grid_dq(meta: dict) -> tuple[int, int]:
         return (plan.q_layout.num_blocks * meta["M_SPLIT"], b * n_heads)
