@@ -118,11 +118,13 @@ def bench_shape(args, grid, sparsities) -> list[dict]:
     for sparsity in sparsities:
         kw = dict(q_grid=grid, kv_grid=grid, chunk=tuple(args.chunk), sparsity=sparsity)
         fwd = lambda kw=kw: block_sparse_attention(q, k, v, **kw)  # noqa: E731
+        _last_tuning()  # forget tunings of an earlier row's breakdown
         t0 = time.perf_counter()
         fwd().backward(do)  # compiles and autotunes outside the timed region
         torch.cuda.synchronize()
         first_call_s = time.perf_counter() - t0
         row = {"shape": "x".join(map(str, grid)), "sparsity": sparsity, "first_call_s": first_call_s}
+        row["tuning"] = _last_tuning()
         row["fwd_ms"] = _bench(fwd, args.rep_ms)
         out = fwd()
         row["bwd_ms"] = _bench(lambda out=out: out.backward(do, retain_graph=True), args.rep_ms, [q, k, v])
@@ -166,6 +168,16 @@ def _tuned_configs() -> dict[str, str]:
     return found
 
 
+def _last_tuning() -> dict[str, dict[str, float]]:
+    """Each kernel's autotuning timings (ms per config) from its latest tuning run, if it ran."""
+    found = {}
+    for name, tuner in tk._TUNED.items():
+        timings = getattr(tuner, "configs_timings", None) or {}
+        found[name] = {str(cfg): float(ms[0] if isinstance(ms, list | tuple) else ms) for cfg, ms in timings.items()}
+        tuner.configs_timings = None
+    return found
+
+
 def _fmt(x, digits=1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -197,6 +209,13 @@ def print_table(rows: list[dict]) -> None:
             f"({r['bwd_kernels_separate_tflops']:.0f}); kept {r['kept_fraction']:.4f}; "
             f"tile {r['tile']}; first call {r['first_call_s']:.1f} s"
         )
+    print()
+    print("Autotuning at each shape's first call (ms per config, fastest first):")
+    for r in rows:
+        for name, timings in r["tuning"].items():
+            if timings:
+                ranked = sorted(timings.items(), key=lambda kv: kv[1])
+                print(f"- {r['shape']} @ {r['sparsity']} {name}: " + "; ".join(f"{c} {ms:.2f}" for c, ms in ranked))
 
 
 def check_targets(rows: list[dict]) -> list[str]:

@@ -58,6 +58,9 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
 # num_stages=1 are only the interpreter's picks (the most split tiling a tiny chunk allows, so CPU
 # tests walk the sub-block paths); GPU tuning never sees them.
 FWD_CONFIGS = [
+    _cfg(8, 3, M_SPLIT=1, N_SPLIT=1, N_TILES=2),
+    _cfg(8, 2, M_SPLIT=1, N_SPLIT=1, N_TILES=2),
+    _cfg(4, 1, M_SPLIT=2, N_SPLIT=1, N_TILES=2),
     _cfg(8, 3, M_SPLIT=1, N_SPLIT=1),
     _cfg(8, 2, M_SPLIT=1, N_SPLIT=1),
     _cfg(8, 3, M_SPLIT=1, N_SPLIT=2),
@@ -92,7 +95,13 @@ def _config_valid(config: triton.Config, chunk: int, tile: int, program_split: s
     above that, ptxas -v shows sm_90 builds spilling registers. (The GPU configs above were checked
     with ptxas -v for chunk 128, head dim 128, bf16: no spills, except up to 36 bytes in the two
     BLOCK_M=64 dK/dV configs on grids with partial chunks.)"""
+    if config.kwargs.get("N_TILES", 1) == 2:
+        # Two half-chunk list tiles per step: only where tiles are half chunks, unsplit.
+        if 2 * tile != chunk or config.kwargs["N_SPLIT"] != 1:
+            return False
     for name, value in config.kwargs.items():
+        if name == "N_TILES":
+            continue
         whole = chunk if name == program_split else tile
         rows = whole // value if name.endswith("SPLIT") else value
         if rows < 16 or rows > whole or whole % rows:
@@ -164,6 +173,20 @@ def _tile_rows(
 
 
 @triton.jit
+def _tile_real_rows(
+    tile, t_len, H, W, nb_h, nb_w, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr
+):  # fmt: skip
+    """How many of ``tile``'s rows are real cells (scalar; real rows come first in a block)."""
+    TPB: tl.constexpr = CT * CH * CW // TILE
+    block = tile // TPB
+    bt = block // (nb_h * nb_w)
+    bh = (block // nb_w) % nb_h
+    bw = block % nb_w
+    n_real = tl.minimum(t_len - bt * CT, CT) * tl.minimum(H - bh * CH, CH) * tl.minimum(W - bw * CW, CW)
+    return tl.minimum(tl.maximum(n_real - (tile % TPB) * TILE, 0), TILE)
+
+
+@triton.jit
 def _bsa_fwd_kernel(
     Q, K, V, Out, LSE, KV_LIST, KV_COUNT, REL_Q, REL_K,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -175,11 +198,14 @@ def _bsa_fwd_kernel(
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     Q_PARTIAL: tl.constexpr, K_PARTIAL: tl.constexpr, OFF64: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    M_SPLIT: tl.constexpr, N_SPLIT: tl.constexpr,
+    M_SPLIT: tl.constexpr, N_SPLIT: tl.constexpr, N_TILES: tl.constexpr = 1,
 ):  # fmt: skip
+    # N_TILES = 2 (grids with partial chunks, whose list tiles are half chunks): a step takes two
+    # consecutive list tiles, which may belong to different key chunks, as one chunk-sized block of
+    # keys, so the matmuls keep the full-chunk width; an odd list's last step has a padding half.
     CHUNK: tl.constexpr = CT * CH * CW
     BLOCK_M: tl.constexpr = CHUNK // M_SPLIT
-    BLOCK_N: tl.constexpr = TILE // N_SPLIT
+    BLOCK_N: tl.constexpr = TILE * N_TILES // N_SPLIT
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_heads
@@ -204,7 +230,8 @@ def _bsa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     list_row = KV_LIST + (bh * n_q_blocks + q_block) * list_width
-    steps = tl.load(KV_COUNT + bh * n_q_blocks + q_block) * N_SPLIT
+    n_tiles = tl.load(KV_COUNT + bh * n_q_blocks + q_block)
+    steps = (n_tiles * N_SPLIT + N_TILES - 1) // N_TILES
     if Q_PARTIAL:
         # A row block of an edge chunk may hold padding only: it has nothing to compute or store.
         steps = tl.where(tl.max(valid_m.to(tl.int32), 0) > 0, steps, 0)
@@ -212,12 +239,29 @@ def _bsa_fwd_kernel(
     # addresses that do not wait on a load of the same step and prefetches them two steps ahead
     # (loading the entry in-step left one step of distance and exposed the K/V latency).
     next_kt = tl.load(list_row)
+    if N_TILES == 2:
+        pair_half = tl.arange(0, BLOCK_N) // TILE
+        next_kt2 = tl.load(list_row + 1, mask=n_tiles > 1, other=-1)
     for j in range(0, steps):
         kt = next_kt
-        next_kt = tl.load(list_row + (j + 1) // N_SPLIT, mask=j + 1 < steps, other=0)
-        tok_n, valid_n, padded_n = _tile_rows(
-            kt, (j % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
-        )
+        if N_TILES == 2:
+            kt2 = next_kt2
+            next_kt = tl.load(list_row + 2 * j + 2, mask=j + 1 < steps, other=0)
+            next_kt2 = tl.load(list_row + 2 * j + 3, mask=2 * j + 3 < n_tiles, other=-1)
+            # A missing second tile repeats the first (in-range table indices), all rows masked.
+            second = kt2 >= 0
+            tiles = tl.where(pair_half == 0, kt, tl.where(second, kt2, kt))
+            tok_n, valid_n, _ = _tile_rows(
+                tiles, -pair_half * TILE, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
+            )
+            valid_n = valid_n & ((pair_half == 0) | second)
+            real2 = tl.where(second, _tile_real_rows(kt2, t_k, H, W, nb_h, nb_w, CT, CH, CW, TILE), 0)
+            padded_n = (_tile_real_rows(kt, t_k, H, W, nb_h, nb_w, CT, CH, CW, TILE) < TILE) | (real2 < TILE)
+        else:
+            next_kt = tl.load(list_row + (j + 1) // N_SPLIT, mask=j + 1 < steps, other=0)
+            tok_n, valid_n, padded_n = _tile_rows(
+                kt, (j % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
+            )
         if OFF64:
             tok_n = tok_n.to(tl.int64)
         k_ptrs = k_base + tok_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
@@ -227,7 +271,7 @@ def _bsa_fwd_kernel(
         else:
             k = tl.load(k_ptrs)
         s = _mma(q, tl.trans(k), DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-        if K_PARTIAL:
+        if K_PARTIAL or N_TILES == 2:
             if padded_n:
                 s = tl.where(valid_n[None, :], s, float("-inf"))
         # Listed tiles start with a real row, so the first step of every row sees a finite maximum

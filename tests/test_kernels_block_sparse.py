@@ -43,6 +43,9 @@ CASES = {
     # half-chunk tiles, skipping those that hold padding only.
     "divisible-row-splits-bf16": (1, 2, (2, 4, 8), (4, 4, 8), (2, 2, 8), 32, "bfloat16", 0.5, None),
     "partial-half-tiles-fp32": (1, 2, (3, 5, 9), (4, 5, 9), (2, 4, 8), 16, "float32", 0.6, None),
+    # Half-chunk tiles with whole key chunks (only the query grid is partial): the forward takes
+    # two key tiles per step on an unmasked key grid.
+    "q-partial-kv-whole-bf16": (1, 2, (3, 4, 8), (4, 4, 8), (2, 2, 8), 32, "bfloat16", 0.5, None),
 }
 
 
