@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels (diffusers, peft, this package),
 # then run the block-sparse correctness script and the benchmarks. Output tables land in $OUT.
+# LCV_WHEELS names the carried wheel folder (default .whl; e.g. .whl1 from device_wheels.sh).
 # Usage (device tool, carry [".whl"]): bash benchmarks/device_run.sh [bsa|dense|dit|pipeline|train|multi|validation|sampling|all] [train rows | multi modes | script arguments]
 # The full-size host run: bash benchmarks/device_run.sh full-1 | full-2 | full-3 | full-4 | full-poll [seconds] (see device_full.sh).
 # `multi` needs the nvidia-h200-x2 kind (two GPUs of one host).
@@ -10,7 +11,7 @@ export PYTHONUNBUFFERED=1
 if [[ $what == full-* ]]; then
     exec bash benchmarks/device_full.sh "${what#full-}" "${2:-}"
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${LCV_WHEELS:-.whl}/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 cd /tmp  # never import from the checkout root: its kernels/ folder would shadow the PyPI `kernels`
 repo=$OLDPWD

@@ -61,14 +61,14 @@ FWD_CONFIGS = [
     _cfg(8, 3, M_SPLIT=1, N_SPLIT=1, N_TILES=2),
     _cfg(8, 2, M_SPLIT=1, N_SPLIT=1, N_TILES=2),
     _cfg(4, 1, M_SPLIT=2, N_SPLIT=1, N_TILES=2),
-    _cfg(8, 3, M_SPLIT=1, N_SPLIT=1),
-    _cfg(8, 2, M_SPLIT=1, N_SPLIT=1),
-    _cfg(8, 3, M_SPLIT=1, N_SPLIT=2),
-    _cfg(4, 3, M_SPLIT=2, N_SPLIT=1),
-    _cfg(4, 3, M_SPLIT=2, N_SPLIT=2),
-    _cfg(4, 1, M_SPLIT=2, N_SPLIT=2),
-    _cfg(4, 1, M_SPLIT=2, N_SPLIT=1),
-    _cfg(4, 1, M_SPLIT=1, N_SPLIT=1),
+    _cfg(8, 3, M_SPLIT=1, N_SPLIT=1, N_TILES=1),
+    _cfg(8, 2, M_SPLIT=1, N_SPLIT=1, N_TILES=1),
+    _cfg(8, 3, M_SPLIT=1, N_SPLIT=2, N_TILES=1),
+    _cfg(4, 3, M_SPLIT=2, N_SPLIT=1, N_TILES=1),
+    _cfg(4, 3, M_SPLIT=2, N_SPLIT=2, N_TILES=1),
+    _cfg(4, 1, M_SPLIT=2, N_SPLIT=2, N_TILES=1),
+    _cfg(4, 1, M_SPLIT=2, N_SPLIT=1, N_TILES=1),
+    _cfg(4, 1, M_SPLIT=1, N_SPLIT=1, N_TILES=1),
 ]
 DKDV_CONFIGS = [
     _cfg(8, 2, N_SPLIT=1, BLOCK_M=64),
@@ -95,7 +95,7 @@ def _config_valid(config: triton.Config, chunk: int, tile: int, program_split: s
     above that, ptxas -v shows sm_90 builds spilling registers. (The GPU configs above were checked
     with ptxas -v for chunk 128, head dim 128, bf16: no spills, except up to 36 bytes in the two
     BLOCK_M=64 dK/dV configs on grids with partial chunks.)"""
-    if config.kwargs.get("N_TILES", 1) == 2:
+    if config.kwargs.get("N_TILES") == 2:
         # Two half-chunk list tiles per step: only where tiles are half chunks, unsplit.
         if 2 * tile != chunk or config.kwargs["N_SPLIT"] != 1:
             return False
@@ -198,7 +198,7 @@ def _bsa_fwd_kernel(
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     Q_PARTIAL: tl.constexpr, K_PARTIAL: tl.constexpr, OFF64: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    M_SPLIT: tl.constexpr, N_SPLIT: tl.constexpr, N_TILES: tl.constexpr = 1,
+    M_SPLIT: tl.constexpr, N_SPLIT: tl.constexpr, N_TILES: tl.constexpr,
 ):  # fmt: skip
     # N_TILES = 2 (grids with partial chunks, whose list tiles are half chunks): a step takes two
     # consecutive list tiles, which may belong to different key chunks, as one chunk-sized block of
@@ -251,7 +251,8 @@ def _bsa_fwd_kernel(
             # A missing second tile repeats the first (in-range table indices), all rows masked.
             second = kt2 >= 0
             tiles = tl.where(pair_half == 0, kt, tl.where(second, kt2, kt))
-            tok_n, valid_n, _ = _tile_rows(
+            # (the third result is discarded; a name of its own: `_` holds a scalar outside the loop)
+            tok_n, valid_n, _rows_padded = _tile_rows(
                 tiles, -pair_half * TILE, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
             )
             valid_n = valid_n & ((pair_half == 0) | second)

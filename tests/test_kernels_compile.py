@@ -1,0 +1,117 @@
+"""The block-sparse kernels compile for the H100/H200 (sm_90) at LongCat's real sizes, on a CPU.
+
+The interpreter (tests/test_kernels_block_sparse.py) runs the kernels' arithmetic but not Triton's
+compiler, which has rules of its own (a loop-carried value must keep its type, constexpr branches,
+layouts): a kernel can pass every interpreted test and still fail to compile on the GPU. Triton
+compiles to PTX and runs its bundled ptxas without a driver, so the kernels are compiled here for
+sm_90 with chunk (4, 4, 8), head dim 128, bf16, on whole and partial grids, for the config each
+kernel tries first and, where they differ, the first of each other kind of step (one key tile or
+two per forward step; dQ folded in or separate). A fresh interpreter does it (Triton must not be in
+interpreter mode), one JSON line per compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# (kernel, partial grid, extra constexprs, N_TILES of the config or None for the kernel's first)
+COMPILES = [
+    ("fwd", False, {}, None),
+    ("fwd", True, {}, 2),
+    ("fwd", True, {}, 1),
+    ("dkdv", False, {"FUSE_DQ": True}, None),
+    ("dkdv", True, {"FUSE_DQ": True}, None),
+    ("dkdv", True, {"FUSE_DQ": False}, None),
+    ("dq", True, {}, None),
+]
+POINTERS = {
+    "LSE": "*fp32",
+    "DELTA": "*fp32",
+    "KV_LIST": "*i32",
+    "KV_COUNT": "*i32",
+    "Q_LIST": "*i32",
+    "Q_COUNT": "*i32",
+    "REL_Q": "*i32",
+    "REL_K": "*i32",
+}
+
+
+def _compile(name: str, partial: bool, extra: dict, n_tiles: int | None) -> dict:
+    import triton
+    from simpletuner_longcat_video.kernels import triton_bsa as tk
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, configs = tk._KERNELS[name]
+    chunk, tile = 128, 64 if partial else 128
+    valid = [c for c in configs if c.num_stages > 1 and tk._config_valid(c, chunk, tile, tk._PROGRAM_SPLIT[name])]
+    if n_tiles is not None:
+        valid = [c for c in valid if c.kwargs.get("N_TILES", 1) == n_tiles]
+    cfg = valid[0]
+    consts = {
+        "CT": 4, "CH": 4, "CW": 8, "TILE": tile, "HEAD_DIM": 128, "Q_PARTIAL": partial, "K_PARTIAL": partial,
+        "OFF64": False, "DOT_PREC": "tf32", "UPCAST": False, **extra, **cfg.kwargs,
+    }  # fmt: skip
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg == "DQ_ACC":
+            signature[arg] = "*fp32" if extra.get("FUSE_DQ") else "*bf16"
+        elif arg in POINTERS:
+            signature[arg] = POINTERS[arg]
+        elif arg[0].isupper() and arg not in ("H", "W"):  # the q, k, v, dO, output tensors
+            signature[arg] = "*bf16"
+        else:
+            signature[arg] = "fp32" if arg.endswith("scale") else "i32"
+    source = ASTSource(kernel, signature, constexprs={a: v for a, v in consts.items() if a in kernel.arg_names})
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return {"config": str(cfg), "cubin_bytes": len(compiled.asm["cubin"])}
+
+
+def _worker_main() -> None:
+    for case in COMPILES:
+        try:
+            result = {"ok": True, **_compile(*case)}
+        except Exception as exc:  # reported per case; the test prints the compiler's message
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
+        print("COMPILED " + json.dumps({"case": repr(case), **result}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, dict]:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=str(Path(__file__).resolve().parent),  # not the repo root (its kernels/ shadows PyPI's)
+    )
+    results = [
+        json.loads(line.removeprefix("COMPILED ")) for line in proc.stdout.splitlines() if line.startswith("COMPILED ")
+    ]
+    assert proc.returncode == 0 and results, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {r["case"]: r for r in results}
+
+
+@pytest.mark.parametrize(
+    "case", COMPILES, ids=[f"{c[0]}-{'partial' if c[1] else 'whole'}-{c[2]}-{c[3]}" for c in COMPILES]
+)
+def test_kernel_compiles_for_sm90(compiled, case):
+    result = compiled[repr(case)]
+    assert result["ok"], result.get("error")
+    assert result["cubin_bytes"] > 0
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    _worker_main()
