@@ -74,9 +74,7 @@ def _breakdown(q, k, v, do, layout: ChunkLayout, sparsity: float, scale: float, 
     q_tiles, q_tile_count = tk.query_tile_lists(kv_list, kv_count, plan)
     times["transpose_lists_ms"] = _bench(lambda: tk.query_tile_lists(kv_list, kv_count, plan), rep_ms)
     bwd_args = (do, q, k, v, lse, delta, kv_tiles, kv_tile_count, q_tiles, q_tile_count, plan, scale)
-    times["bwd_kernels_ms"] = _bench(lambda: tk.bsa_backward(*bwd_args, fuse_dq=True), rep_ms)
-    # The deterministic path (dQ in its own kernel: 7 matmuls per kept block where the fused has 5).
-    times["bwd_kernels_separate_ms"] = _bench(lambda: tk.bsa_backward(*bwd_args, fuse_dq=False), rep_ms)
+    times["bwd_kernels_ms"] = _bench(lambda: tk.bsa_backward(*bwd_args), rep_ms)
     times["tile"] = plan.tile
     return times, kv_list, kv_count
 
@@ -143,7 +141,6 @@ def bench_shape(args, grid, sparsities) -> list[dict]:
         row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] * 1e-9
         row["fwd_kernel_tflops"] = fwd_flops / row["fwd_kernel_ms"] * 1e-9
         row["bwd_kernels_tflops"] = 2.5 * fwd_flops / row["bwd_kernels_ms"] * 1e-9
-        row["bwd_kernels_separate_tflops"] = 2.5 * fwd_flops / row["bwd_kernels_separate_ms"] * 1e-9
         if dense:
             row["dense_backend"] = dense["backend"]
             for label, times in dense["per_backend"].items():
@@ -197,16 +194,12 @@ def print_table(rows: list[dict]) -> None:
             f"| {_fmt(r.get('speedup_fwd'), 2)}x | {_fmt(r.get('speedup_fwd_bwd'), 2)}x |"
         )
     print()
-    print(
-        "Breakdown (ms): selection | fwd kernel (TFLOP/s) | delta | transposed lists | backward kernels, "
-        "atomic dQ (TFLOP/s) | backward kernels, separate dQ kernel (deterministic) (TFLOP/s)"
-    )
+    print("Breakdown (ms): selection | fwd kernel (TFLOP/s) | delta | transposed lists | dkdv+dq kernels (TFLOP/s)")
     for r in rows:
         print(
             f"- {r['shape']} @ {r['sparsity']}: {r['select_ms']:.2f} | {r['fwd_kernel_ms']:.2f} "
             f"({r['fwd_kernel_tflops']:.0f}) | {r['delta_ms']:.2f} | {r['transpose_lists_ms']:.2f} | "
-            f"{r['bwd_kernels_ms']:.2f} ({r['bwd_kernels_tflops']:.0f}) | {r['bwd_kernels_separate_ms']:.2f} "
-            f"({r['bwd_kernels_separate_tflops']:.0f}); kept {r['kept_fraction']:.4f}; "
+            f"{r['bwd_kernels_ms']:.2f} ({r['bwd_kernels_tflops']:.0f}); kept {r['kept_fraction']:.4f}; "
             f"tile {r['tile']}; first call {r['first_call_s']:.1f} s"
         )
     print()

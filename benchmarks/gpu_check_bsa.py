@@ -80,21 +80,8 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_against_reference(
     name, *, grid_q, grid_kv, heads=2, batch=1, dim=128, dtype=torch.bfloat16, sparsity=0.875, cdf=None,
-    chunk=(4, 4, 8), backward=True, ref_heads=None, seed=0, deterministic=False,
+    chunk=(4, 4, 8), backward=True, ref_heads=None, seed=0,
 ):  # fmt: skip
-    # deterministic: torch's deterministic algorithms on, so dQ comes from the separate dQ kernel.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
-        return _against_reference(
-            name, grid_q, grid_kv, heads, batch, dim, dtype, sparsity, cdf, chunk, backward, ref_heads, seed
-        )
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
-def _against_reference(
-    name, grid_q, grid_kv, heads, batch, dim, dtype, sparsity, cdf, chunk, backward, ref_heads, seed
-):
     dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(seed)
     sq, sk = math.prod(grid_q), math.prod(grid_kv)
@@ -156,16 +143,6 @@ def check_dense_equals_sdpa(grid=(8, 16, 32), heads=4, dim=128, chunk=(4, 4, 8))
 
 
 def check_strided_views(grid=(12, 22, 40), heads=4, dim=128, chunk=(4, 4, 8)):
-    """Packed qkv views give bit-for-bit the gradients of contiguous copies (under torch's
-    deterministic algorithms: the default atomic dQ sums in a run-dependent order)."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        return _strided_views(grid, heads, dim, chunk)
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
-def _strided_views(grid, heads, dim, chunk):
     dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(2)
     qkv = torch.randn(1, math.prod(grid), 3, heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
@@ -220,7 +197,6 @@ CHECKS = [
     ("24x44x80 bf16 d128 s=0.875", dict(grid_q=(24, 44, 80), grid_kv=(24, 44, 80))),
     ("24x30x52 bf16 partial h,w", dict(grid_q=(24, 30, 52), grid_kv=(24, 30, 52))),
     ("I2V q 23x30x52 / kv 24x30x52", dict(grid_q=(23, 30, 52), grid_kv=(24, 30, 52))),
-    ("24x30x52 deterministic (dQ kernel)", dict(grid_q=(24, 30, 52), grid_kv=(24, 30, 52), deterministic=True)),
     ("24x32x56 bf16 s=0.75", dict(grid_q=(24, 32, 56), grid_kv=(24, 32, 56), sparsity=0.75)),
     ("12x30x52 bf16 d64 4 heads", dict(grid_q=(12, 30, 52), grid_kv=(12, 30, 52), dim=64, heads=4)),
     ("8x16x32 fp16 batch 2", dict(grid_q=(8, 16, 32), grid_kv=(8, 16, 32), dtype=torch.float16, batch=2)),

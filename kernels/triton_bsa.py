@@ -58,17 +58,14 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
 # num_stages=1 are only the interpreter's picks (the most split tiling a tiny chunk allows, so CPU
 # tests walk the sub-block paths); GPU tuning never sees them.
 FWD_CONFIGS = [
-    _cfg(8, 3, M_SPLIT=1, N_SPLIT=1, N_TILES=2),
-    _cfg(8, 2, M_SPLIT=1, N_SPLIT=1, N_TILES=2),
-    _cfg(4, 1, M_SPLIT=2, N_SPLIT=1, N_TILES=2),
-    _cfg(8, 3, M_SPLIT=1, N_SPLIT=1, N_TILES=1),
-    _cfg(8, 2, M_SPLIT=1, N_SPLIT=1, N_TILES=1),
-    _cfg(8, 3, M_SPLIT=1, N_SPLIT=2, N_TILES=1),
-    _cfg(4, 3, M_SPLIT=2, N_SPLIT=1, N_TILES=1),
-    _cfg(4, 3, M_SPLIT=2, N_SPLIT=2, N_TILES=1),
-    _cfg(4, 1, M_SPLIT=2, N_SPLIT=2, N_TILES=1),
-    _cfg(4, 1, M_SPLIT=2, N_SPLIT=1, N_TILES=1),
-    _cfg(4, 1, M_SPLIT=1, N_SPLIT=1, N_TILES=1),
+    _cfg(8, 3, M_SPLIT=1, N_SPLIT=1),
+    _cfg(8, 2, M_SPLIT=1, N_SPLIT=1),
+    _cfg(8, 3, M_SPLIT=1, N_SPLIT=2),
+    _cfg(4, 3, M_SPLIT=2, N_SPLIT=1),
+    _cfg(4, 3, M_SPLIT=2, N_SPLIT=2),
+    _cfg(4, 1, M_SPLIT=2, N_SPLIT=2),
+    _cfg(4, 1, M_SPLIT=2, N_SPLIT=1),
+    _cfg(4, 1, M_SPLIT=1, N_SPLIT=1),
 ]
 DKDV_CONFIGS = [
     _cfg(8, 2, N_SPLIT=1, BLOCK_M=64),
@@ -95,13 +92,7 @@ def _config_valid(config: triton.Config, chunk: int, tile: int, program_split: s
     above that, ptxas -v shows sm_90 builds spilling registers. (The GPU configs above were checked
     with ptxas -v for chunk 128, head dim 128, bf16: no spills, except up to 36 bytes in the two
     BLOCK_M=64 dK/dV configs on grids with partial chunks.)"""
-    if config.kwargs.get("N_TILES") == 2:
-        # Two half-chunk list tiles per step: only where tiles are half chunks, unsplit.
-        if 2 * tile != chunk or config.kwargs["N_SPLIT"] != 1:
-            return False
     for name, value in config.kwargs.items():
-        if name == "N_TILES":
-            continue
         whole = chunk if name == program_split else tile
         rows = whole // value if name.endswith("SPLIT") else value
         if rows < 16 or rows > whole or whole % rows:
@@ -173,20 +164,6 @@ def _tile_rows(
 
 
 @triton.jit
-def _tile_real_rows(
-    tile, t_len, H, W, nb_h, nb_w, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr
-):  # fmt: skip
-    """How many of ``tile``'s rows are real cells (scalar; real rows come first in a block)."""
-    TPB: tl.constexpr = CT * CH * CW // TILE
-    block = tile // TPB
-    bt = block // (nb_h * nb_w)
-    bh = (block // nb_w) % nb_h
-    bw = block % nb_w
-    n_real = tl.minimum(t_len - bt * CT, CT) * tl.minimum(H - bh * CH, CH) * tl.minimum(W - bw * CW, CW)
-    return tl.minimum(tl.maximum(n_real - (tile % TPB) * TILE, 0), TILE)
-
-
-@triton.jit
 def _bsa_fwd_kernel(
     Q, K, V, Out, LSE, KV_LIST, KV_COUNT, REL_Q, REL_K,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -198,14 +175,11 @@ def _bsa_fwd_kernel(
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     Q_PARTIAL: tl.constexpr, K_PARTIAL: tl.constexpr, OFF64: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    M_SPLIT: tl.constexpr, N_SPLIT: tl.constexpr, N_TILES: tl.constexpr,
+    M_SPLIT: tl.constexpr, N_SPLIT: tl.constexpr,
 ):  # fmt: skip
-    # N_TILES = 2 (grids with partial chunks, whose list tiles are half chunks): a step takes two
-    # consecutive list tiles, which may belong to different key chunks, as one chunk-sized block of
-    # keys, so the matmuls keep the full-chunk width; an odd list's last step has a padding half.
     CHUNK: tl.constexpr = CT * CH * CW
     BLOCK_M: tl.constexpr = CHUNK // M_SPLIT
-    BLOCK_N: tl.constexpr = TILE * N_TILES // N_SPLIT
+    BLOCK_N: tl.constexpr = TILE // N_SPLIT
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // n_heads
@@ -230,8 +204,7 @@ def _bsa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     list_row = KV_LIST + (bh * n_q_blocks + q_block) * list_width
-    n_tiles = tl.load(KV_COUNT + bh * n_q_blocks + q_block)
-    steps = (n_tiles * N_SPLIT + N_TILES - 1) // N_TILES
+    steps = tl.load(KV_COUNT + bh * n_q_blocks + q_block) * N_SPLIT
     if Q_PARTIAL:
         # A row block of an edge chunk may hold padding only: it has nothing to compute or store.
         steps = tl.where(tl.max(valid_m.to(tl.int32), 0) > 0, steps, 0)
@@ -239,30 +212,12 @@ def _bsa_fwd_kernel(
     # addresses that do not wait on a load of the same step and prefetches them two steps ahead
     # (loading the entry in-step left one step of distance and exposed the K/V latency).
     next_kt = tl.load(list_row)
-    if N_TILES == 2:
-        pair_half = tl.arange(0, BLOCK_N) // TILE
-        next_kt2 = tl.load(list_row + 1, mask=n_tiles > 1, other=-1)
     for j in range(0, steps):
         kt = next_kt
-        if N_TILES == 2:
-            kt2 = next_kt2
-            next_kt = tl.load(list_row + 2 * j + 2, mask=j + 1 < steps, other=0)
-            next_kt2 = tl.load(list_row + 2 * j + 3, mask=2 * j + 3 < n_tiles, other=-1)
-            # A missing second tile repeats the first (in-range table indices), all rows masked.
-            second = kt2 >= 0
-            tiles = tl.where(pair_half == 0, kt, tl.where(second, kt2, kt))
-            # (the third result is discarded; a name of its own: `_` holds a scalar outside the loop)
-            tok_n, valid_n, _rows_padded = _tile_rows(
-                tiles, -pair_half * TILE, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
-            )
-            valid_n = valid_n & ((pair_half == 0) | second)
-            real2 = tl.where(second, _tile_real_rows(kt2, t_k, H, W, nb_h, nb_w, CT, CH, CW, TILE), 0)
-            padded_n = (_tile_real_rows(kt, t_k, H, W, nb_h, nb_w, CT, CH, CW, TILE) < TILE) | (real2 < TILE)
-        else:
-            next_kt = tl.load(list_row + (j + 1) // N_SPLIT, mask=j + 1 < steps, other=0)
-            tok_n, valid_n, padded_n = _tile_rows(
-                kt, (j % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
-            )
+        next_kt = tl.load(list_row + (j + 1) // N_SPLIT, mask=j + 1 < steps, other=0)
+        tok_n, valid_n, padded_n = _tile_rows(
+            kt, (j % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, TILE, K_PARTIAL
+        )
         if OFF64:
             tok_n = tok_n.to(tl.int64)
         k_ptrs = k_base + tok_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
@@ -272,7 +227,7 @@ def _bsa_fwd_kernel(
         else:
             k = tl.load(k_ptrs)
         s = _mma(q, tl.trans(k), DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-        if K_PARTIAL or N_TILES == 2:
+        if K_PARTIAL:
             if padded_n:
                 s = tl.where(valid_n[None, :], s, float("-inf"))
         # Listed tiles start with a real row, so the first step of every row sees a finite maximum
@@ -329,27 +284,23 @@ def _bsa_delta_kernel(
 
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_LIST, Q_COUNT, REL_Q, REL_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_LIST, Q_COUNT, REL_Q, REL_K,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_db, stride_dh, stride_ds, stride_dd,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    stride_aqb, stride_aqh, stride_aqs, stride_aqd,
     n_heads, qk_scale, sm_scale,
     t_q, t_k, H, W, nb_h, nb_w, n_k_blocks, list_width,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     Q_PARTIAL: tl.constexpr, K_PARTIAL: tl.constexpr, OFF64: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FUSE_DQ: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     N_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # One program owns a row block of a key chunk and walks the query tiles whose block selected
     # that chunk. Padding key rows get garbage dK/dV that is never stored; padding query rows load
     # q = dO = 0 and LSE = delta = 0, so they add exactly zero.
-    # FUSE_DQ: the step's dS also gives this key block's share of dQ (dS K), added with float32
-    # atomics into DQ_ACC. That is 5 matmuls per step in all, where the separate dQ kernel has to
-    # recompute QK^T and dO V^T (7); the price is atomic traffic and an order-dependent sum.
     CHUNK: tl.constexpr = CT * CH * CW
     BLOCK_N: tl.constexpr = CHUNK // N_SPLIT
     SUB: tl.constexpr = TILE // BLOCK_M
@@ -360,7 +311,7 @@ def _bsa_bwd_dkdv_kernel(
     k_block = pid_n // N_SPLIT
 
     offs_d = tl.arange(0, HEAD_DIM)
-    tok_n, valid_n, padded_n = _tile_rows(
+    tok_n, valid_n, _ = _tile_rows(
         k_block, (pid_n % N_SPLIT) * BLOCK_N, t_k, H, W, nb_h, nb_w, REL_K, BLOCK_N, CT, CH, CW, CHUNK, K_PARTIAL
     )
     if OFF64:
@@ -375,7 +326,6 @@ def _bsa_bwd_dkdv_kernel(
         v = tl.load(v_ptrs)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_db + h * stride_dh
-    aq_base = DQ_ACC + b * stride_aqb + h * stride_aqh
     stats_base = bh * (t_q * H * W)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -410,18 +360,6 @@ def _bsa_bwd_dkdv_kernel(
         dp_t = _mma(v, tl.trans(do), DOT_PREC=DOT_PREC, UPCAST=UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PREC=DOT_PREC, UPCAST=UPCAST)
-        if FUSE_DQ:
-            # Padding key rows are zero, so they add nothing, unless exp2 of their score overflowed
-            # for a row with a very negative LSE (inf * 0 is NaN): their dS rows are cleared.
-            if K_PARTIAL:
-                if padded_n:
-                    ds_t = tl.where(valid_n[:, None], ds_t, 0.0)
-            dq = _mma(tl.trans(ds_t.to(k.dtype)), k, DOT_PREC=DOT_PREC, UPCAST=UPCAST) * sm_scale
-            aq_ptrs = aq_base + tok_m[:, None] * stride_aqs + offs_d[None, :] * stride_aqd
-            if Q_PARTIAL:
-                tl.atomic_add(aq_ptrs, dq, mask=valid_m[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(aq_ptrs, dq, sem="relaxed")
 
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + tok_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b * stride_dvb + h * stride_dvh + tok_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
@@ -523,15 +461,10 @@ def _bsa_bwd_dq_kernel(
 _PROGRAM_SPLIT = {"fwd": "M_SPLIT", "dkdv": "N_SPLIT", "dq": "M_SPLIT"}
 
 
-def _tuned(name: str, kernel: object, configs: list[triton.Config]) -> object:
+def _tuned(kernel: object, configs: list[triton.Config], program_split: str) -> object:
     key = ["CT", "CH", "CW", "TILE", "HEAD_DIM", "Q_PARTIAL", "K_PARTIAL"]
-    extra = {}
-    if name == "dkdv":
-        # Tuning runs the kernel once per config: the atomic dQ accumulator is zeroed before each.
-        key.append("FUSE_DQ")
-        extra["reset_to_zero"] = ["DQ_ACC"]
-    prune = {"early_config_prune": _pruner(_PROGRAM_SPLIT[name])}
-    return triton.autotune(configs, key=key, prune_configs_by=prune, **extra, **_AUTOTUNE_KW)(kernel)
+    prune = {"early_config_prune": _pruner(program_split)}
+    return triton.autotune(configs, key=key, prune_configs_by=prune, **_AUTOTUNE_KW)(kernel)
 
 
 _KERNELS = {
@@ -539,7 +472,7 @@ _KERNELS = {
     "dkdv": (_bsa_bwd_dkdv_kernel, DKDV_CONFIGS),
     "dq": (_bsa_bwd_dq_kernel, DQ_CONFIGS),
 }
-_TUNED = {name: _tuned(name, kernel, configs) for name, (kernel, configs) in _KERNELS.items()}
+_TUNED = {name: _tuned(kernel, configs, _PROGRAM_SPLIT[name]) for name, (kernel, configs) in _KERNELS.items()}
 
 
 def _launch(name: str, grid, *args: object, **constexprs: object) -> None:
@@ -666,13 +599,6 @@ def bsa_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def fused_dq_default() -> bool:
-    """Whether bsa_backward folds dQ into the dK/dV kernel (float32 atomics, order-dependent
-    sums): yes, unless torch's deterministic algorithms are on, where the separate dQ kernel
-    (two more matmuls per kept block, bit-for-bit repeatable) runs instead."""
-    return not torch.are_deterministic_algorithms_enabled()
-
-
 def bsa_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -686,17 +612,10 @@ def bsa_backward(
     q_tile_count: torch.Tensor,
     plan: Plan,
     scale: float,
-    fuse_dq: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV (shaped and strided like q, k, v where those are dense) from the forward's LSE.
-
-    ``fuse_dq`` (default: ``fused_dq_default()``) picks one kernel with atomic dQ over the dK/dV
-    kernel followed by a dQ kernel."""
+    """dQ, dK, dV (shaped and strided like q, k, v where those are dense) from the forward's LSE."""
     b, n_heads, _, d = q.shape
-    fuse_dq = fused_dq_default() if fuse_dq is None else fuse_dq
-    dk, dv = _empty_like(k), _empty_like(v)
-    # The atomics need a zeroed float32 accumulator; the separate kernel writes dQ itself.
-    dq = torch.zeros_like(q, dtype=torch.float32) if fuse_dq else _empty_like(q)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     constexprs = plan.constexprs(q.dtype, d, q, k, v, do, dq, dk, dv)
 
     def grid_dkdv(meta: dict) -> tuple[int, int]:
@@ -704,14 +623,12 @@ def bsa_backward(
 
     _launch(
         "dkdv", grid_dkdv,
-        q, k, v, do, lse, delta, dk, dv, dq, q_tiles, q_tile_count, plan.q_geo.rel, plan.k_geo.rel,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dq.stride(),
+        q, k, v, do, lse, delta, dk, dv, q_tiles, q_tile_count, plan.q_geo.rel, plan.k_geo.rel,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         n_heads, scale * LOG2E, scale,
         *plan.grid_args(), plan.k_layout.num_blocks, q_tiles.shape[-1],
-        **constexprs, FUSE_DQ=fuse_dq,
+        **constexprs,
     )  # fmt: skip
-    if fuse_dq:
-        return dq.to(q.dtype), dk, dv
 
     def grid_dq(meta: dict) -> tuple[int, int]:
         return (plan.q_layout.num_blocks * meta["M_SPLIT"], b * n_heads)

@@ -5,9 +5,8 @@ compiler, which has rules of its own (a loop-carried value must keep its type, c
 layouts): a kernel can pass every interpreted test and still fail to compile on the GPU. Triton
 compiles to PTX and runs its bundled ptxas without a driver, so the kernels are compiled here for
 sm_90 with chunk (4, 4, 8), head dim 128, bf16, on whole and partial grids, for the config each
-kernel tries first and, where they differ, the first of each other kind of step (one key tile or
-two per forward step; dQ folded in or separate). A fresh interpreter does it (Triton must not be in
-interpreter mode), one JSON line per compile.
+kernel tries first. A fresh interpreter does it (Triton must not be in interpreter mode), one JSON
+line per compile.
 """
 
 from __future__ import annotations
@@ -20,16 +19,8 @@ from pathlib import Path
 
 import pytest
 
-# (kernel, partial grid, extra constexprs, N_TILES of the config or None for the kernel's first)
-COMPILES = [
-    ("fwd", False, {}, None),
-    ("fwd", True, {}, 2),
-    ("fwd", True, {}, 1),
-    ("dkdv", False, {"FUSE_DQ": True}, None),
-    ("dkdv", True, {"FUSE_DQ": True}, None),
-    ("dkdv", True, {"FUSE_DQ": False}, None),
-    ("dq", True, {}, None),
-]
+# (kernel, partial grid): each kernel's first config on a whole and a partial grid
+COMPILES = [(name, partial) for name in ("fwd", "dkdv", "dq") for partial in (False, True)]
 POINTERS = {
     "LSE": "*fp32",
     "DELTA": "*fp32",
@@ -42,7 +33,7 @@ POINTERS = {
 }
 
 
-def _compile(name: str, partial: bool, extra: dict, n_tiles: int | None) -> dict:
+def _compile(name: str, partial: bool) -> dict:
     import triton
     from simpletuner_longcat_video.kernels import triton_bsa as tk
     from triton.backends.compiler import GPUTarget
@@ -51,19 +42,15 @@ def _compile(name: str, partial: bool, extra: dict, n_tiles: int | None) -> dict
     kernel, configs = tk._KERNELS[name]
     chunk, tile = 128, 64 if partial else 128
     valid = [c for c in configs if c.num_stages > 1 and tk._config_valid(c, chunk, tile, tk._PROGRAM_SPLIT[name])]
-    if n_tiles is not None:
-        valid = [c for c in valid if c.kwargs.get("N_TILES", 1) == n_tiles]
     cfg = valid[0]
     consts = {
         "CT": 4, "CH": 4, "CW": 8, "TILE": tile, "HEAD_DIM": 128, "Q_PARTIAL": partial, "K_PARTIAL": partial,
-        "OFF64": False, "DOT_PREC": "tf32", "UPCAST": False, **extra, **cfg.kwargs,
+        "OFF64": False, "DOT_PREC": "tf32", "UPCAST": False, **cfg.kwargs,
     }  # fmt: skip
     signature = {}
     for arg in kernel.arg_names:
         if arg in consts:
             signature[arg] = "constexpr"
-        elif arg == "DQ_ACC":
-            signature[arg] = "*fp32" if extra.get("FUSE_DQ") else "*bf16"
         elif arg in POINTERS:
             signature[arg] = POINTERS[arg]
         elif arg[0].isupper() and arg not in ("H", "W"):  # the q, k, v, dO, output tensors
@@ -104,9 +91,7 @@ def compiled() -> dict[str, dict]:
     return {r["case"]: r for r in results}
 
 
-@pytest.mark.parametrize(
-    "case", COMPILES, ids=[f"{c[0]}-{'partial' if c[1] else 'whole'}-{c[2]}-{c[3]}" for c in COMPILES]
-)
+@pytest.mark.parametrize("case", COMPILES, ids=[f"{c[0]}-{'partial' if c[1] else 'whole'}" for c in COMPILES])
 def test_kernel_compiles_for_sm90(compiled, case):
     result = compiled[repr(case)]
     assert result["ok"], result.get("error")
