@@ -9,7 +9,8 @@
 #   poll    wait up to ~9 minutes more; results and log tails land in $OUT each time
 # LCV_RUNS picks the runs (full_size_run.py --stage, default "runs": all of them), e.g.
 # LCV_RUNS=recipe:validation,recipe:swap8; LCV_QUICK=1 makes full-1 skip the group-offload probe
-# and return without waiting for the build (the later calls' installs overlap it).
+# and return without waiting for the build (the later calls' installs overlap it). LONGCAT_PHASE_PROFILE=N
+# profiles training step N of each run (benchmarks/phase_probe; the table comes back as *.profile.txt).
 # Made by benchmarks/device_wheels.sh on the development machine. The machine keeps /root/lcv and
 # /tmp/site only while it stays warm (30 s after a call): send the next call at once.
 set -uo pipefail
@@ -33,7 +34,7 @@ snapshot() {  # what a call killed at its time limit still brings back: results,
     for log in $root/*.log $root/recipe-*/train-*.log; do
         [[ -f $log ]] && tail -c 60000 "$log" | sed 's/\x1b\[[0-9;]*m//g' > "$OUT/$(basename "$(dirname "$log")")-$(basename "$log")"
     done
-    for probe in $root/probe-*.jsonl $root/recipe-*/probe-*.jsonl; do
+    for probe in $root/probe-*.jsonl* $root/recipe-*/probe-*.jsonl*; do
         [[ -f $probe ]] && cp "$probe" "$OUT/$(basename "$(dirname "$probe")")-$(basename "$probe")"
     done
 }

@@ -15,6 +15,11 @@ import sys
 import time
 
 PATH = os.environ.get("LONGCAT_PHASE_PROBE")
+# LONGCAT_PHASE_PROFILE=N: torch.profiler runs from the start of training step N to the start of step
+# N + 1 (forward, backward, optimizer and the host's own work in between) and its table is written
+# next to the probe file (<probe>.profile.txt), with how long the GPU sat idle in that window.
+PROFILE_STEP = int(os.environ.get("LONGCAT_PHASE_PROFILE", "0") or 0)
+_profile = {"steps": 0, "profiler": None, "t0": 0.0}
 
 # module -> [(attribute path, event name)]
 TARGETS = {
@@ -54,6 +59,40 @@ def record(event: str, **extra) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
+def _profile_step_start() -> None:
+    """At each training step's start: open the profiling window at step N, close it at N + 1."""
+    _profile["steps"] += 1
+    if _profile["steps"] == PROFILE_STEP:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        _profile["profiler"] = torch.profiler.profile(activities=activities)
+        _profile["profiler"].start()
+        _profile["t0"] = time.time()
+    elif _profile["steps"] == PROFILE_STEP + 1:
+        _profile_stop()
+
+
+def _profile_stop() -> None:
+    profiler = _profile.pop("profiler", None)
+    if profiler is None:
+        return
+    profiler.stop()
+    window = time.time() - _profile["t0"]
+    averages = profiler.key_averages()
+    # Kernels of one stream do not overlap, so the summed self device time is the GPU's busy time.
+    busy = sum(getattr(a, "self_device_time_total", 0.0) for a in averages) / 1e6
+    sort = "self_device_time_total" if busy > 0 else "self_cpu_time_total"
+    with open(PATH + ".profile.txt", "w") as handle:
+        handle.write(f"window (step {PROFILE_STEP} start to step {PROFILE_STEP + 1} start): {window:.3f} s wall\n")
+        if busy > 0:
+            handle.write(f"GPU busy (summed self device time): {busy:.3f} s; idle {window - busy:.3f} s\n")
+        handle.write("\n")
+        handle.write(averages.table(sort_by=sort, row_limit=40, max_name_column_width=80))
+
+
 def _shape(value) -> list | None:
     shape = getattr(value, "shape", None)
     return list(shape) if shape is not None else None
@@ -68,6 +107,8 @@ def _wrap(owner, attribute: str, event: str) -> None:
     def wrapper(*args, **kwargs):
         first = args[1] if len(args) > 1 else next(iter(kwargs.values()), None)
         record(f"{event}_start", arg=str(first)[:200] if event.endswith("save") else None, shape=_shape(first))
+        if event == "step" and PROFILE_STEP:
+            _profile_step_start()
         try:
             return function(*args, **kwargs)
         finally:
@@ -106,3 +147,5 @@ if PATH:
     import atexit
 
     atexit.register(record, "process_exit")
+    if PROFILE_STEP:
+        atexit.register(_profile_stop)  # a run that ends inside the window still writes its table
