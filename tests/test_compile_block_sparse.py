@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 from _tiny_dit import TINY, i2v_batch, i2v_loss, lora_dit, take_lora_grads
-from test_kernels_block_sparse import interpreted_worker_report
+from test_kernels_block_sparse import kernel_worker_report
 
 # Float32 throughout. aot_eager runs the eager kernels op by op, so only the order of LoRA sums may
 # differ; Inductor fuses float32 element-wise chains (the rounding of test_memory_options' compile test).
@@ -322,7 +322,7 @@ def _worker_main() -> None:
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, dict]:
-    result = interpreted_worker_report(__file__, "COMPILE-BSA-RESULTS ")
+    result = kernel_worker_report(__file__, "COMPILE-BSA-RESULTS ")
     print("worker report:", json.dumps(result, indent=1))
     return result
 

@@ -151,10 +151,13 @@ def _worker_main() -> None:
 # Test side.
 
 
-def interpreted_worker_report(test_file: str, prefix: str) -> dict:
-    """Run ``test_file --worker`` in a fresh interpreter with TRITON_INTERPRET=1; its JSON ``prefix`` line."""
+def kernel_worker_report(test_file: str, prefix: str, interpret: bool = True) -> dict:
+    """Run ``test_file --worker`` in a fresh interpreter, with TRITON_INTERPRET=1 (or, with
+    ``interpret=False``, without it, for Triton's real compiler); its last JSON ``prefix`` line."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, str(Path(test_file).resolve()), "--worker"],
         capture_output=True,
@@ -171,7 +174,7 @@ def interpreted_worker_report(test_file: str, prefix: str) -> dict:
 
 @pytest.fixture(scope="module")
 def kernel_results() -> dict[str, dict]:
-    return interpreted_worker_report(__file__, "BSA-RESULTS ")
+    return kernel_worker_report(__file__, "BSA-RESULTS ")
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))

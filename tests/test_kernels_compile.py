@@ -6,18 +6,16 @@ layouts): a kernel can pass every interpreted test and still fail to compile on 
 compiles to PTX and runs its bundled ptxas without a driver, so the kernels are compiled here for
 sm_90 with chunk (4, 4, 8), head dim 128, bf16, on whole and partial grids, for the config each
 kernel tries first. A fresh interpreter does it (Triton must not be in interpreter mode), one JSON
-line per compile.
+line for all.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from test_kernels_block_sparse import kernel_worker_report
 
 # (kernel, partial grid): each kernel's first config on a whole and a partial grid
 COMPILES = [(name, partial) for name in ("fwd", "dkdv", "dq") for partial in (False, True)]
@@ -64,31 +62,18 @@ def _compile(name: str, partial: bool) -> dict:
 
 
 def _worker_main() -> None:
+    results = {}
     for case in COMPILES:
         try:
-            result = {"ok": True, **_compile(*case)}
+            results[repr(case)] = {"ok": True, **_compile(*case)}
         except Exception as exc:  # reported per case; the test prints the compiler's message
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
-        print("COMPILED " + json.dumps({"case": repr(case), **result}), flush=True)
+            results[repr(case)] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
+    print("COMPILED " + json.dumps(results), flush=True)
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict]:
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=str(Path(__file__).resolve().parent),  # not the repo root (its kernels/ shadows PyPI's)
-    )
-    results = [
-        json.loads(line.removeprefix("COMPILED ")) for line in proc.stdout.splitlines() if line.startswith("COMPILED ")
-    ]
-    assert proc.returncode == 0 and results, f"compile worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return {r["case"]: r for r in results}
+    return kernel_worker_report(__file__, "COMPILED ", interpret=False)
 
 
 @pytest.mark.parametrize("case", COMPILES, ids=[f"{c[0]}-{'partial' if c[1] else 'whole'}" for c in COMPILES])

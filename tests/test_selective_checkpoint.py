@@ -462,9 +462,9 @@ def _worker_main() -> None:
 
 @pytest.fixture(scope="module")
 def bsa_report() -> dict:
-    from test_kernels_block_sparse import interpreted_worker_report
+    from test_kernels_block_sparse import kernel_worker_report
 
-    result = interpreted_worker_report(__file__, "SAC-BSA-RESULTS ")
+    result = kernel_worker_report(__file__, "SAC-BSA-RESULTS ")
     print("worker report:", json.dumps({**result, "runs": {k: v["launches"] for k, v in result["runs"].items()}}))
     return result
 
